@@ -1,0 +1,210 @@
+//! The Skyhold agent, with a *simulator* hypervisor driver (like Apache CloudStack's Simulator).
+//!
+//! One agent process serves `hosts` simulated hosts. It connects out to a management server (MS) on
+//! the agent port, registers with [`skyhold_proto::AgentMsg::Hello`], pings, and executes commands
+//! against an in-memory [`Simulator`] per host. No real VM is ever created; every host reports the
+//! hypervisor type `"Simulator"`.
+//!
+//! Layers, from the wire inwards:
+//! - [`run`]: the connection loop (address rotation, backoff, handshake, pings, dead-peer detection,
+//!   one writer task per connection, commands executed concurrently).
+//! - [`Agent`]: transport-independent core: generation fencing, `(job_id, step)` replay, ledger.
+//! - [`Simulator`]: one simulated host's VMs and capacity, plus fault injection ([`FailRule`]).
+//! - [`ledger_read`] / [`LedgerEntry`]: the append-only JSON-lines ledger, written and flushed before
+//!   an answer is sent, so it is the ground truth of what the agent did.
+//!
+//! **Architecture Invariant:** this crate talks to the MS only through `skyhold-proto`; it knows no
+//! SQL and no HTTP.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod agent;
+mod conn;
+mod ledger;
+mod simulator;
+
+use std::path::PathBuf;
+
+pub use agent::Agent;
+pub use conn::run;
+pub use ledger::{LedgerEntry, LedgerKind, ledger_read};
+pub use simulator::Simulator;
+
+/// Configuration of one agent process (built by the `skyhold` binary from its command line).
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// `host:port` of the management servers' agent port (8250 by default).
+    pub mgmt_addrs: Vec<String>,
+    /// Join token sent in `Hello`.
+    pub token: String,
+    /// Stable id of this agent; host guids are `format!("{agent_id}-h{i}")` for `i` in `0..hosts`.
+    pub agent_id: String,
+    /// Number of simulated hosts this process runs.
+    pub hosts: u32,
+    /// CPU cores per simulated host.
+    pub host_cpu_cores: u32,
+    /// CPU speed per core, in MHz.
+    pub host_cpu_mhz: u32,
+    /// Memory per simulated host, in MiB.
+    pub host_mem_mb: u64,
+    /// JSON-lines ledger file, appended to (created if missing).
+    pub ledger_path: Option<PathBuf>,
+    /// Fault injection rules.
+    pub fail_rules: Vec<FailRule>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("mgmt_addrs", &self.mgmt_addrs)
+            .field("token", &"<redacted>")
+            .field("agent_id", &self.agent_id)
+            .field("hosts", &self.hosts)
+            .field("host_cpu_cores", &self.host_cpu_cores)
+            .field("host_cpu_mhz", &self.host_cpu_mhz)
+            .field("host_mem_mb", &self.host_mem_mb)
+            .field("ledger_path", &self.ledger_path)
+            .field("fail_rules", &self.fail_rules)
+            .finish()
+    }
+}
+
+impl AgentConfig {
+    /// Guid of simulated host number `i` (0-based).
+    pub fn host_guid(&self, i: u32) -> String {
+        format!("{}-h{i}", self.agent_id)
+    }
+}
+
+/// Fault injection: make commands `op` fail for VMs whose name contains `vm_name_contains`.
+///
+/// `op` is one of `"start"`, `"stop"`, `"reboot"`, `"destroy"`, or `"*"` for any of those four.
+/// (`check` has no side effect and is never failed by a rule.) An empty `vm_name_contains` matches
+/// every VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailRule {
+    pub op: String,
+    pub vm_name_contains: String,
+}
+
+/// Operations a [`FailRule`] may name.
+const FAIL_OPS: [&str; 5] = ["start", "stop", "reboot", "destroy", "*"];
+
+impl FailRule {
+    /// Parse the `op=substring` form, e.g. `start=db-` or `*=flaky`.
+    pub fn parse(s: &str) -> Result<FailRule, AgentError> {
+        let bad = |reason: String| AgentError::InvalidFailRule {
+            rule: s.to_owned(),
+            reason,
+        };
+        let Some((op, substr)) = s.split_once('=') else {
+            return Err(bad(
+                "expected OP=SUBSTRING, e.g. start=db- (OP is start, stop, reboot, destroy or *)"
+                    .to_owned(),
+            ));
+        };
+        let op = op.trim().to_ascii_lowercase();
+        if !FAIL_OPS.contains(&op.as_str()) {
+            return Err(bad(format!(
+                "unknown operation {op:?}; expected one of start, stop, reboot, destroy, *"
+            )));
+        }
+        Ok(FailRule {
+            op,
+            vm_name_contains: substr.to_owned(),
+        })
+    }
+
+    /// Whether this rule fails command `op` (a [`skyhold_proto::Command::name`]) on VM `vm_name`.
+    pub fn matches(&self, op: &str, vm_name: &str) -> bool {
+        let op_matches = if self.op == "*" {
+            op != "check"
+        } else {
+            self.op == op
+        };
+        op_matches && vm_name.contains(&self.vm_name_contains)
+    }
+}
+
+impl std::str::FromStr for FailRule {
+    type Err = AgentError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        FailRule::parse(s)
+    }
+}
+
+/// Errors of the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid fail rule {rule:?}: {reason}")]
+    InvalidFailRule { rule: String, reason: String },
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+    #[error("ledger {}: {source}", path.display())]
+    LedgerIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("ledger {} line {line}: {source}", path.display())]
+    LedgerParse {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fail_rule_parse_ok() {
+        let r = FailRule::parse("start=db-").unwrap();
+        assert_eq!(r.op, "start");
+        assert_eq!(r.vm_name_contains, "db-");
+        let r: FailRule = " STOP =x=y".parse().unwrap();
+        assert_eq!(r.op, "stop");
+        assert_eq!(r.vm_name_contains, "x=y");
+        let r = FailRule::parse("*=").unwrap();
+        assert!(r.matches("destroy", "anything"));
+        assert!(!r.matches("check", "anything"));
+    }
+
+    #[test]
+    fn fail_rule_parse_errors() {
+        let e = FailRule::parse("start").unwrap_err();
+        assert!(matches!(e, AgentError::InvalidFailRule { .. }));
+        assert!(e.to_string().contains("expected OP=SUBSTRING"), "{e}");
+        let e = FailRule::parse("migrate=web").unwrap_err();
+        assert!(e.to_string().contains("unknown operation \"migrate\""), "{e}");
+        let e = FailRule::parse("check=web").unwrap_err();
+        assert!(e.to_string().contains("unknown operation"), "{e}");
+        assert!(FailRule::parse("").is_err());
+        assert!(FailRule::parse("=web").is_err());
+    }
+
+    #[test]
+    fn fail_rule_matching() {
+        let r = FailRule::parse("reboot=web").unwrap();
+        assert!(r.matches("reboot", "my-web-1"));
+        assert!(!r.matches("start", "my-web-1"));
+        assert!(!r.matches("reboot", "db-1"));
+    }
+
+    #[test]
+    fn config_debug_redacts_token() {
+        let cfg = AgentConfig {
+            mgmt_addrs: vec!["ms:8250".into()],
+            token: "s3cret".into(),
+            agent_id: "a".into(),
+            hosts: 1,
+            host_cpu_cores: 1,
+            host_cpu_mhz: 1,
+            host_mem_mb: 1,
+            ledger_path: None,
+            fail_rules: vec![],
+        };
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+        assert_eq!(cfg.host_guid(3), "a-h3");
+    }
+}

@@ -1,0 +1,88 @@
+//! Global settings (`configuration`) and cluster metadata (`cloud_meta`).
+
+use crate::{Ctx, DbError, Sql, get_i64, get_str, sql};
+
+#[derive(Debug, Clone)]
+pub struct ConfigRow {
+    pub name: String,
+    pub value: String,
+    pub updated_ms: i64,
+}
+
+pub async fn config_list(c: &mut dyn Sql) -> Result<Vec<ConfigRow>, DbError> {
+    let (conn, _) = c.parts();
+    let rows = sqlx::query("SELECT name, value, updated_ms FROM configuration ORDER BY name")
+        .fetch_all(conn)
+        .await
+        .ctx("list settings")?;
+    rows.iter()
+        .map(|r| {
+            Ok(ConfigRow {
+                name: get_str(r, "name")?,
+                value: get_str(r, "value")?,
+                updated_ms: get_i64(r, "updated_ms")?,
+            })
+        })
+        .collect()
+}
+
+/// Set a setting (insert or update).
+pub async fn config_set(c: &mut dyn Sql, name: &str, value: &str) -> Result<(), DbError> {
+    let (conn, dl) = c.parts();
+    let n = sqlx::query(&sql(dl, "UPDATE configuration SET value = ?, updated_ms = {now} WHERE name = ?"))
+        .bind(value)
+        .bind(name)
+        .execute(&mut *conn)
+        .await
+        .ctx("update setting")?
+        .rows_affected();
+    if n == 0 {
+        sqlx::query(&sql(dl, "INSERT INTO configuration (name, value, updated_ms) VALUES (?, ?, {now})"))
+            .bind(name)
+            .bind(value)
+            .execute(conn)
+            .await
+            .ctx("insert setting")?;
+    }
+    Ok(())
+}
+
+/// Newest change time of any setting: cheap to poll, so every server notices changes at once.
+pub async fn config_version(c: &mut dyn Sql) -> Result<(i64, i64), DbError> {
+    let (conn, _) = c.parts();
+    let r = sqlx::query("SELECT COUNT(*) AS n, COALESCE(MAX(updated_ms), 0) AS m FROM configuration")
+        .fetch_one(conn)
+        .await
+        .ctx("read settings version")?;
+    Ok((get_i64(&r, "n")?, get_i64(&r, "m")?))
+}
+
+pub async fn meta_get(c: &mut dyn Sql, name: &str) -> Result<Option<String>, DbError> {
+    let (conn, _) = c.parts();
+    let r = sqlx::query_scalar::<_, String>("SELECT value FROM cloud_meta WHERE name = ?")
+        .bind(name)
+        .fetch_optional(conn)
+        .await
+        .ctx("read cluster metadata")?;
+    Ok(r)
+}
+
+pub async fn meta_set(c: &mut dyn Sql, name: &str, value: &str) -> Result<(), DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query("UPDATE cloud_meta SET value = ? WHERE name = ?")
+        .bind(value)
+        .bind(name)
+        .execute(&mut *conn)
+        .await
+        .ctx("update cluster metadata")?
+        .rows_affected();
+    if n == 0 {
+        sqlx::query("INSERT INTO cloud_meta (name, value) VALUES (?, ?)")
+            .bind(name)
+            .bind(value)
+            .execute(conn)
+            .await
+            .ctx("insert cluster metadata")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,490 @@
+//! Storage: the schema, its migrations and every SQL query Skyhold runs, for SQLite (the embedded
+//! default, WAL mode) and MariaDB/MySQL, behind one API.
+//!
+//! Query functions are named resource first, then verb (`vm_fetch`, `host_list`, `job_claim`), take
+//! a `&mut dyn Sql` (a pooled connection or a transaction) and return plain row structs.
+//!
+//! Times are epoch milliseconds read from the **database clock** (`{now}` in the SQL below), never
+//! from a management server's clock.
+//!
+//! **Architecture Invariant:** only this crate speaks SQL. Every multi-row change goes through
+//! [`retry_tx!`], which runs the body in one transaction and reruns it on deadlocks, lock-wait
+//! timeouts, Galera certification failures and SQLite busy errors.
+
+pub mod account;
+pub mod config;
+pub mod crypto;
+pub mod event;
+pub mod infra;
+pub mod job;
+pub mod migrate;
+pub mod ms;
+pub mod vm;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Row};
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use sqlx::any::AnyRow;
+
+/// Which SQL dialect the database speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    MySql,
+}
+
+/// Storage errors. `is_retryable` tells the transaction helper whether rerunning may succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("Unable to get a connection from the database pool ({endpoint}): {source}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database error while trying to {what}: {source}")]
+    Sql {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("unsupported database URL '{0}': use sqlite://PATH or mysql://USER:PASS@HOST:PORT/DB")]
+    BadUrl(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Schema(String),
+    #[error("{0}")]
+    Crypto(String),
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DbError {
+    /// Transient conflicts that a rerun of the whole transaction may resolve.
+    pub fn is_retryable(&self) -> bool {
+        let src = match self {
+            DbError::Sql { source, .. } => source,
+            _ => return false,
+        };
+        match src {
+            sqlx::Error::Database(e) => {
+                let code = e.code().map(|c| c.to_string()).unwrap_or_default();
+                let msg = e.message();
+                // MySQL: 1213 deadlock, 1205 lock wait timeout, 1180/1317 interrupted, 1047 wsrep not ready
+                // (Galera certification failures surface as 1213). sqlx reports SQLSTATE for MySQL.
+                // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED, 517 SQLITE_BUSY_SNAPSHOT.
+                matches!(code.as_str(), "40001" | "5" | "6" | "517" | "261" | "262")
+                    || msg.contains("Deadlock found")
+                    || msg.contains("Lock wait timeout")
+                    || msg.contains("database is locked")
+                    || msg.contains("database table is locked")
+                    || msg.contains("WSREP")
+            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Did the statement fail on a UNIQUE constraint?
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            DbError::Sql { source: sqlx::Error::Database(e), .. } => {
+                matches!(e.kind(), sqlx::error::ErrorKind::UniqueViolation)
+                    || e.message().contains("Duplicate entry")
+                    || e.message().contains("UNIQUE constraint failed")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Attach a verb phrase to a sqlx error.
+pub(crate) trait Ctx<T> {
+    fn ctx(self, what: &'static str) -> Result<T, DbError>;
+}
+
+impl<T> Ctx<T> for Result<T, sqlx::Error> {
+    fn ctx(self, what: &'static str) -> Result<T, DbError> {
+        self.map_err(|source| DbError::Sql { what, source })
+    }
+}
+
+/// A handle queries run on: a pooled connection or an open transaction, with its dialect.
+pub trait Sql: Send {
+    fn parts(&mut self) -> (&mut AnyConnection, Dialect);
+}
+
+/// A pooled connection.
+pub struct Conn {
+    inner: sqlx::pool::PoolConnection<Any>,
+    dialect: Dialect,
+}
+
+impl Sql for Conn {
+    fn parts(&mut self) -> (&mut AnyConnection, Dialect) {
+        (&mut self.inner, self.dialect)
+    }
+}
+
+/// An open transaction. Dropped without [`Tx::commit`] it rolls back.
+pub struct Tx {
+    inner: sqlx::Transaction<'static, Any>,
+    dialect: Dialect,
+}
+
+impl Sql for Tx {
+    fn parts(&mut self) -> (&mut AnyConnection, Dialect) {
+        (&mut self.inner, self.dialect)
+    }
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<(), DbError> {
+        self.inner.commit().await.ctx("commit transaction")
+    }
+    pub async fn rollback(self) -> Result<(), DbError> {
+        self.inner.rollback().await.ctx("roll back transaction")
+    }
+}
+
+/// Rewrite dialect placeholders: `{now}` is the database clock in epoch milliseconds.
+pub(crate) fn sql(d: Dialect, s: &str) -> Cow<'_, str> {
+    if !s.contains('{') {
+        return Cow::Borrowed(s);
+    }
+    let now = match d {
+        Dialect::Sqlite => "CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+        Dialect::MySql => "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)",
+    };
+    let for_update = match d {
+        Dialect::Sqlite => "",
+        Dialect::MySql => "FOR UPDATE",
+    };
+    let int = match d {
+        Dialect::Sqlite => "INTEGER",
+        Dialect::MySql => "SIGNED",
+    };
+    Cow::Owned(
+        s.replace("{now}", now)
+            .replace("{for_update}", for_update)
+            .replace("{int}", int),
+    )
+}
+
+/// The connection pool and its dialect. Cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    dialect: Dialect,
+    endpoint: String,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    /// `sqlite://PATH` or `mysql://USER:PASS@HOST:PORT/DB`.
+    pub url: String,
+    pub max_connections: u32,
+    /// Create the database (MySQL) or the file (SQLite) if it does not exist.
+    pub create: bool,
+}
+
+/// The URL with its password hidden, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let cred = &url[s + 3..at];
+            match cred.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &cred[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl Db {
+    /// Open the pool. For SQLite this switches the file to WAL mode.
+    pub async fn connect(cfg: &DbConfig) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let endpoint = redact_url(&cfg.url);
+        let (dialect, url) = if let Some(path) = cfg.url.strip_prefix("sqlite://") {
+            let mode = if cfg.create { "rwc" } else { "rw" };
+            (Dialect::Sqlite, format!("sqlite://{path}?mode={mode}"))
+        } else if cfg.url.starts_with("mysql://") || cfg.url.starts_with("mariadb://") {
+            let url = cfg.url.replacen("mariadb://", "mysql://", 1);
+            if cfg.create {
+                Self::mysql_create_database(&url, &endpoint).await?;
+            }
+            (Dialect::MySql, url)
+        } else {
+            return Err(DbError::BadUrl(endpoint));
+        };
+        let opts = AnyConnectOptions::from_str(&url).map_err(|source| DbError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+        let max = match dialect {
+            Dialect::Sqlite => cfg.max_connections.clamp(1, 8),
+            Dialect::MySql => cfg.max_connections.max(1),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    let stmts: &[&str] = match dialect {
+                        Dialect::Sqlite => &[
+                            "PRAGMA busy_timeout = 10000",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA foreign_keys = OFF",
+                        ],
+                        Dialect::MySql => &[
+                            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                            "SET time_zone = '+00:00'",
+                            "SET SESSION sql_mode = 'STRICT_TRANS_TABLES,NO_ENGINE_SUBSTITUTION'",
+                        ],
+                    };
+                    for s in stmts {
+                        sqlx::query(s).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await
+            .map_err(|source| DbError::Connect { endpoint: endpoint.clone(), source })?;
+        if dialect == Dialect::Sqlite {
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .fetch_optional(&pool)
+                .await
+                .ctx("switch SQLite to WAL mode")?;
+        }
+        Ok(Db { pool, dialect, endpoint })
+    }
+
+    async fn mysql_create_database(url: &str, endpoint: &str) -> Result<(), DbError> {
+        // Split off the database name: mysql://user:pass@host:port/NAME?opts
+        let after = url.find("://").map(|i| i + 3).unwrap_or(0);
+        let Some(slash) = url[after..].find('/').map(|i| i + after) else {
+            return Err(DbError::BadUrl(endpoint.to_string()));
+        };
+        let rest = &url[slash + 1..];
+        let name = rest.split('?').next().unwrap_or("");
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(DbError::BadUrl(format!(
+                "{endpoint} (the database name must be letters, digits and _)"
+            )));
+        }
+        let server_url = &url[..slash];
+        let mut conn = AnyConnection::connect(server_url).await.map_err(|source| {
+            DbError::Connect { endpoint: endpoint.to_string(), source }
+        })?;
+        sqlx::query(&format!(
+            "CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        ))
+        .execute(&mut conn)
+        .await
+        .ctx("create database")?;
+        let _ = conn.close().await;
+        Ok(())
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The endpoint with its password hidden.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A pooled connection for reads and single-statement writes.
+    pub async fn conn(&self) -> Result<Conn, DbError> {
+        let inner = self.pool.acquire().await.map_err(|source| DbError::Connect {
+            endpoint: self.endpoint.clone(),
+            source,
+        })?;
+        Ok(Conn { inner, dialect: self.dialect })
+    }
+
+    /// Begin a transaction. Use [`retry_tx!`] rather than calling this directly.
+    pub async fn begin(&self) -> Result<Tx, DbError> {
+        let inner = self.pool.begin().await.map_err(|source| DbError::Connect {
+            endpoint: self.endpoint.clone(),
+            source,
+        })?;
+        Ok(Tx { inner, dialect: self.dialect })
+    }
+
+    /// Current time on the database clock, epoch milliseconds.
+    pub async fn now_ms(&self) -> Result<i64, DbError> {
+        let mut c = self.conn().await?;
+        now_ms(&mut c).await
+    }
+
+    /// Is the database reachable right now?
+    pub async fn ping(&self) -> bool {
+        self.now_ms().await.is_ok()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// The database clock, epoch milliseconds.
+pub async fn now_ms(c: &mut dyn Sql) -> Result<i64, DbError> {
+    let (conn, d) = c.parts();
+    let q = sql(d, "SELECT {now}");
+    let row = sqlx::query(&q).fetch_one(conn).await.ctx("read database clock")?;
+    row.try_get::<i64, _>(0).ctx("read database clock")
+}
+
+/// Errors that may ask for their transaction to be rerun.
+pub trait Retryable {
+    fn is_retryable(&self) -> bool;
+}
+
+impl Retryable for DbError {
+    fn is_retryable(&self) -> bool {
+        DbError::is_retryable(self)
+    }
+}
+
+/// Upper bound on attempts of one transaction in [`retry_tx!`].
+pub const TX_ATTEMPTS: u32 = 8;
+
+/// Back-off before attempt `n` (1-based) of a retried transaction: 5, 10, 20 ... ms, capped, jittered.
+pub fn tx_backoff(n: u32) -> Duration {
+    let base = 5u64 << n.min(7);
+    let jitter = rand::random::<u64>() % (base / 2 + 1);
+    Duration::from_millis(base.min(400) + jitter)
+}
+
+/// Run `$body` inside one transaction on `$db`, binding the transaction to `$tx`, and commit.
+/// `$body` evaluates to `Result<T, E>` where `E: From<DbError> + Retryable`. On a retryable error
+/// (from the body or the commit) the transaction is rolled back and the body rerun, up to
+/// [`TX_ATTEMPTS`] times. The body must therefore be safe to rerun: it only touches the database
+/// through `$tx`.
+#[macro_export]
+macro_rules! retry_tx {
+    ($db:expr, |$tx:ident| $body:expr) => {{
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let res = async {
+                #[allow(unused_mut)]
+                let mut $tx = $db.begin().await?;
+                let v = { $body };
+                match v {
+                    Ok(v) => {
+                        $tx.commit().await?;
+                        Ok(v)
+                    }
+                    Err(e) => {
+                        let _ = $tx.rollback().await;
+                        Err(e)
+                    }
+                }
+            }
+            .await;
+            match res {
+                Err(e) if $crate::Retryable::is_retryable(&e) && attempt < $crate::TX_ATTEMPTS => {
+                    ::tracing::debug!(attempt, "retrying transaction after a transient conflict");
+                    ::tokio::time::sleep($crate::tx_backoff(attempt)).await;
+                    continue;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+/// Integer column helpers (all integers are BIGINT in the schema, decoded as i64).
+pub(crate) fn get_i64(r: &AnyRow, col: &str) -> Result<i64, DbError> {
+    r.try_get::<i64, _>(col).ctx("decode integer column")
+}
+pub(crate) fn get_opt_i64(r: &AnyRow, col: &str) -> Result<Option<i64>, DbError> {
+    r.try_get::<Option<i64>, _>(col).ctx("decode integer column")
+}
+pub(crate) fn get_str(r: &AnyRow, col: &str) -> Result<String, DbError> {
+    r.try_get::<String, _>(col).ctx("decode text column")
+}
+pub(crate) fn get_opt_str(r: &AnyRow, col: &str) -> Result<Option<String>, DbError> {
+    r.try_get::<Option<String>, _>(col).ctx("decode text column")
+}
+pub(crate) fn get_bool(r: &AnyRow, col: &str) -> Result<bool, DbError> {
+    Ok(get_i64(r, col)? != 0)
+}
+
+/// A value bound into a dynamically built query.
+#[derive(Debug, Clone)]
+pub enum Bind {
+    I(i64),
+    S(String),
+}
+
+pub(crate) fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    binds: &'q [Bind],
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    for b in binds {
+        q = match b {
+            Bind::I(i) => q.bind(*i),
+            Bind::S(s) => q.bind(s.as_str()),
+        };
+    }
+    q
+}
+
+/// Paging for list queries: 1-based `page`, `size` rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    pub page: u64,
+    pub size: u64,
+}
+
+impl Page {
+    pub fn limit_clause(&self) -> String {
+        let offset = self.page.saturating_sub(1).saturating_mul(self.size);
+        format!(" LIMIT {} OFFSET {}", self.size, offset)
+    }
+}
+
+/// Escape `%`, `_` and `\` for a LIKE pattern (used with `ESCAPE '\'`).
+pub fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    for ch in s.chars() {
+        if matches!(ch, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("mysql://u:secret@h:3306/db"), "mysql://u:***@h:3306/db");
+        assert_eq!(redact_url("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+    }
+
+    #[test]
+    fn like_escaping() {
+        assert_eq!(like_escape("a%b_c\\"), "a\\%b\\_c\\\\");
+    }
+}
