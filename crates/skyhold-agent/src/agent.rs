@@ -139,7 +139,10 @@ impl Agent {
     }
 
     fn host(&self, guid: &str) -> Option<&Mutex<HostState>> {
-        self.by_guid.get(guid).and_then(|&i| self.hosts.get(i)).map(|(_, h)| h)
+        self.by_guid
+            .get(guid)
+            .and_then(|&i| self.hosts.get(i))
+            .map(|(_, h)| h)
     }
 
     /// Newest generation seen for a host (`None` for a host this agent does not serve).
@@ -172,7 +175,10 @@ impl Agent {
 
     /// Registration reports of every host, with the VMs each runs now.
     pub fn host_reports(&self, ip: &str) -> Vec<HostReport> {
-        self.hosts.iter().map(|(_, h)| lock(h).sim.report(ip)).collect()
+        self.hosts
+            .iter()
+            .map(|(_, h)| lock(h).sim.report(ip))
+            .collect()
     }
 
     /// Ping reports of every host.
@@ -249,7 +255,9 @@ impl Agent {
                 host = %host_guid, job = %job_id, step, op = cmd.name(), vm = %cmd.vm_id(), %message,
                 "command failed"
             ),
-            _ => tracing::debug!(host = %host_guid, job = %job_id, step, op = cmd.name(), vm = %cmd.vm_id(), ?result, "command executed"),
+            _ => {
+                tracing::debug!(host = %host_guid, job = %job_id, step, op = cmd.name(), vm = %cmd.vm_id(), ?result, "command executed")
+            }
         }
         result
     }
@@ -401,7 +409,10 @@ mod tests {
         let r1 = a.handle("ag-h0", 2, "job-c", 1, &big);
         assert!(matches!(r1, CommandResult::Failed { .. }));
         assert_eq!(a.handle("ag-h0", 2, "job-c", 1, &big), r1);
-        assert_eq!(a.handle("zz", 2, "job-d", 1, &big), CommandResult::UnknownHost);
+        assert_eq!(
+            a.handle("zz", 2, "job-d", 1, &big),
+            CommandResult::UnknownHost
+        );
 
         let kinds: Vec<(String, u32, LedgerKind, String)> = ledger_read(&path)
             .unwrap()

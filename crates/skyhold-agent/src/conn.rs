@@ -11,7 +11,7 @@ use skyhold_proto::{
 };
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
@@ -39,8 +39,8 @@ pub async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    let agent = Arc::new(Agent::new(&cfg)?);
     let mut book = AddrBook::new(&cfg.mgmt_addrs)?;
+    let agent = Arc::new(Agent::new(&cfg)?);
     check_hello_fits(&agent, &cfg)?;
     tracing::info!(
         agent_id = %cfg.agent_id,

@@ -118,7 +118,10 @@ impl Ledger {
             }
         };
         line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(e) = file.write_all(&line).and_then(|()| file.flush()) {
             tracing::error!(
                 path = %self.path.display(),
@@ -232,7 +235,10 @@ mod tests {
         e.set_result(&CommandResult::Failed {
             message: "boom".into(),
         });
-        assert_eq!((e.outcome.as_str(), e.message.as_deref()), ("failed", Some("boom")));
+        assert_eq!(
+            (e.outcome.as_str(), e.message.as_deref()),
+            ("failed", Some("boom"))
+        );
         assert_eq!(e.state, None);
     }
 }

@@ -176,7 +176,10 @@ mod tests {
         assert!(matches!(e, AgentError::InvalidFailRule { .. }));
         assert!(e.to_string().contains("expected OP=SUBSTRING"), "{e}");
         let e = FailRule::parse("migrate=web").unwrap_err();
-        assert!(e.to_string().contains("unknown operation \"migrate\""), "{e}");
+        assert!(
+            e.to_string().contains("unknown operation \"migrate\""),
+            "{e}"
+        );
         let e = FailRule::parse("check=web").unwrap_err();
         assert!(e.to_string().contains("unknown operation"), "{e}");
         assert!(FailRule::parse("").is_err());

@@ -74,8 +74,9 @@ impl Simulator {
 
     /// (cores, MiB) used by running VMs.
     pub fn used(&self) -> (u64, u64) {
-        self.running()
-            .fold((0, 0), |(c, m), (_, vm)| (c + u64::from(vm.cpu), m + vm.mem_mb))
+        self.running().fold((0, 0), |(c, m), (_, vm)| {
+            (c + u64::from(vm.cpu), m + vm.mem_mb)
+        })
     }
 
     fn running(&self) -> impl Iterator<Item = (&String, &SimVm)> {
@@ -142,10 +143,7 @@ impl Simulator {
             }
             Command::RebootVm { vm_id } => match self.vm_state(vm_id) {
                 Some(PowerState::Running) => ok(PowerState::Running),
-                _ => failed(format!(
-                    "vm {vm_id} is not running on host {}",
-                    self.name
-                )),
+                _ => failed(format!("vm {vm_id} is not running on host {}", self.name)),
             },
             Command::DestroyVm { vm_id } => {
                 self.vms.remove(vm_id);
@@ -271,9 +269,7 @@ mod tests {
     #[test]
     fn reboot_requires_running() {
         let mut h = host();
-        let reboot = Command::RebootVm {
-            vm_id: "v1".into(),
-        };
+        let reboot = Command::RebootVm { vm_id: "v1".into() };
         assert_eq!(
             failed_msg(h.execute(&reboot)),
             "vm v1 is not running on host sim-host-0"
@@ -293,15 +289,11 @@ mod tests {
     #[test]
     fn destroy_and_check() {
         let mut h = host();
-        let check = Command::CheckVm {
-            vm_id: "v1".into(),
-        };
+        let check = Command::CheckVm { vm_id: "v1".into() };
         assert_eq!(h.execute(&check), STOPPED);
         h.execute(&start("v1", "a", 1, 1));
         assert_eq!(h.execute(&check), RUNNING);
-        let destroy = Command::DestroyVm {
-            vm_id: "v1".into(),
-        };
+        let destroy = Command::DestroyVm { vm_id: "v1".into() };
         assert_eq!(h.execute(&destroy), STOPPED);
         assert_eq!(h.vm_state("v1"), None);
         assert_eq!(h.execute(&destroy), STOPPED);
@@ -334,9 +326,7 @@ mod tests {
         assert_eq!(h.vm_state("v2"), Some(PowerState::Running));
         // Other ops on the same VM are unaffected.
         assert_eq!(
-            h.execute(&Command::RebootVm {
-                vm_id: "v2".into()
-            }),
+            h.execute(&Command::RebootVm { vm_id: "v2".into() }),
             RUNNING
         );
 

@@ -1,1 +1,124 @@
-//! skyhold-core
+//! The domain: what a management server does, independent of how it is asked (HTTP API) or how it
+//! is started (binary). VM operations, durable jobs, agent connections, placement, settings,
+//! membership and the initial data.
+//!
+//! **Architecture Invariant:** this crate holds no SQL (it calls `skyhold-db`) and no HTTP (the
+//! API crate calls it). Decisions are pure functions (`placement`) that are table-tested; the
+//! executors around them do the I/O.
+
+pub mod agents;
+pub mod bootstrap;
+pub mod error;
+pub mod events;
+pub mod jobs;
+pub mod membership;
+pub mod placement;
+pub mod settings;
+pub mod view;
+pub mod vm;
+
+use skyhold_db::Db;
+use skyhold_db::crypto::Key;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub use error::CoreError;
+
+/// Identity of this management server process.
+#[derive(Debug, Clone)]
+pub struct MsIdentity {
+    /// Stable id (kept in the node's data dir or configured).
+    pub id: String,
+    /// Fresh for every process start.
+    pub run_id: String,
+    pub name: String,
+    pub service_ip: String,
+    pub api_port: u16,
+    pub agent_port: u16,
+    pub cluster_port: u16,
+}
+
+/// Everything a management server shares between its tasks. Cheap to clone (`Arc`).
+#[derive(Clone)]
+pub struct Core {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    key: Key,
+    ms: MsIdentity,
+    settings: settings::Settings,
+    agents: agents::AgentRegistry,
+    jobs_wakeup: tokio::sync::Notify,
+    shutting_down: AtomicBool,
+    registered: AtomicBool,
+    fenced: AtomicBool,
+}
+
+impl Core {
+    pub fn new(db: Db, key: Key, ms: MsIdentity) -> Core {
+        Core {
+            inner: Arc::new(Inner {
+                db,
+                key,
+                ms,
+                settings: settings::Settings::default(),
+                agents: agents::AgentRegistry::default(),
+                jobs_wakeup: tokio::sync::Notify::new(),
+                shutting_down: AtomicBool::new(false),
+                registered: AtomicBool::new(false),
+                fenced: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+    pub fn key(&self) -> &Key {
+        &self.inner.key
+    }
+    pub fn ms(&self) -> &MsIdentity {
+        &self.inner.ms
+    }
+    pub fn settings(&self) -> &settings::Settings {
+        &self.inner.settings
+    }
+    pub fn agents(&self) -> &agents::AgentRegistry {
+        &self.inner.agents
+    }
+
+    /// Wake the job executor (new work was queued).
+    pub fn wake_jobs(&self) {
+        self.inner.jobs_wakeup.notify_one();
+    }
+    pub(crate) async fn jobs_woken(&self) {
+        self.inner.jobs_wakeup.notified().await
+    }
+
+    /// This server stops taking new work (graceful shutdown).
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.wake_jobs();
+    }
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Registered in `management_server` with a live heartbeat.
+    pub fn is_registered(&self) -> bool {
+        self.inner.registered.load(Ordering::SeqCst) && !self.is_fenced()
+    }
+    pub(crate) fn set_registered(&self, v: bool) {
+        self.inner.registered.store(v, Ordering::SeqCst);
+    }
+
+    /// Self-fenced: the heartbeat could not be renewed in time; claim no work, send no commands.
+    pub fn is_fenced(&self) -> bool {
+        self.inner.fenced.load(Ordering::SeqCst)
+    }
+    pub(crate) fn set_fenced(&self, v: bool) {
+        self.inner.fenced.store(v, Ordering::SeqCst);
+    }
+}

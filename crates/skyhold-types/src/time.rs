@@ -14,6 +14,6 @@ pub fn cs_date(ms: i64) -> String {
 mod tests {
     #[test]
     fn formats_like_cloudstack() {
-        assert_eq!(super::cs_date(1_795_398_075_000), "2026-11-22T01:41:15+0000");
+        assert_eq!(super::cs_date(1_795_311_675_000), "2026-11-22T01:41:15+0000");
     }
 }

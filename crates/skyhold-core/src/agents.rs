@@ -1,0 +1,365 @@
+//! Agent connections (port 8250): registration, pings, and sending fenced commands.
+//!
+//! An agent connects out and says `Hello` with a join token and its hosts. For each host this
+//! server takes ownership in the database (`host_take_connection`), which bumps the host's
+//! ownership generation; the agent learns the generation in `Welcome` and from then on refuses
+//! commands carrying an older one. So once another server takes a host over, nothing this server
+//! still sends to it is executed.
+//!
+//! A command is sent with `(job_id, step)`; the agent answers a repeat of the same pair with the
+//! stored result, so a job resuming after a crash may resend a step safely.
+
+use crate::Core;
+use sha2_lite::sha256_hex;
+use skyhold_db::infra::{HostConnect, host_disconnect, host_ping, host_take_connection};
+use skyhold_proto::{AgentMsg, Command, CommandResult, HostGrant, MsMsg, read_msg, write_msg};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a command could not be delivered or answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("host {0} is not connected to this management server")]
+    NotConnected(String),
+    #[error("host {0} did not answer in time")]
+    Timeout(String),
+    #[error("connection to host {0} closed before it answered")]
+    Closed(String),
+    #[error("this management server is fenced and may not send commands")]
+    Fenced,
+}
+
+struct AgentConn {
+    tx: mpsc::Sender<MsMsg>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<CommandResult>>>,
+    agent_id: String,
+}
+
+#[derive(Clone)]
+struct HostConn {
+    guid: String,
+    generation: i64,
+    conn: Arc<AgentConn>,
+}
+
+/// Hosts whose agents are connected to this server.
+#[derive(Default)]
+pub struct AgentRegistry {
+    hosts: Mutex<HashMap<String, HostConn>>,
+    next_req: AtomicU64,
+}
+
+impl AgentRegistry {
+    /// Number of hosts connected here.
+    pub fn host_count(&self) -> usize {
+        self.hosts.lock().map(|h| h.len()).unwrap_or(0)
+    }
+
+    /// Distinct agent processes connected here.
+    pub fn agent_count(&self) -> usize {
+        self.hosts
+            .lock()
+            .map(|h| {
+                let mut ids: Vec<&str> = h.values().map(|c| c.conn.agent_id.as_str()).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.len()
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn is_connected(&self, host_id: &str) -> bool {
+        self.hosts.lock().map(|h| h.contains_key(host_id)).unwrap_or(false)
+    }
+
+    fn get(&self, host_id: &str) -> Option<HostConn> {
+        self.hosts.lock().ok().and_then(|h| h.get(host_id).cloned())
+    }
+
+    fn insert(&self, host_id: String, hc: HostConn) {
+        if let Ok(mut h) = self.hosts.lock() {
+            h.insert(host_id, hc);
+        }
+    }
+
+    /// Remove `host_id` if it still belongs to `conn`; returns the generation it had.
+    fn remove_if(&self, host_id: &str, conn: &Arc<AgentConn>) -> Option<i64> {
+        let mut h = self.hosts.lock().ok()?;
+        match h.get(host_id) {
+            Some(hc) if Arc::ptr_eq(&hc.conn, conn) => h.remove(host_id).map(|hc| hc.generation),
+            _ => None,
+        }
+    }
+}
+
+impl Core {
+    /// Send a command to a host connected to this server and wait for its answer.
+    pub async fn agent_send(
+        &self,
+        host_id: &str,
+        job_id: &str,
+        step: u32,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<CommandResult, SendError> {
+        if self.is_fenced() {
+            return Err(SendError::Fenced);
+        }
+        let hc = self.agents().get(host_id).ok_or_else(|| SendError::NotConnected(host_id.to_string()))?;
+        let req = self.agents().next_req.fetch_add(1, Ordering::Relaxed) + 1;
+        let (otx, orx) = oneshot::channel();
+        if let Ok(mut p) = hc.conn.pending.lock() {
+            p.insert(req, otx);
+        }
+        let msg = MsMsg::Command {
+            req,
+            host_guid: hc.guid.clone(),
+            generation: hc.generation as u64,
+            job_id: job_id.to_string(),
+            step,
+            cmd,
+        };
+        if hc.conn.tx.send(msg).await.is_err() {
+            return Err(SendError::Closed(host_id.to_string()));
+        }
+        match tokio::time::timeout(timeout, orx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(SendError::Closed(host_id.to_string())),
+            Err(_) => {
+                if let Ok(mut p) = hc.conn.pending.lock() {
+                    p.remove(&req);
+                }
+                Err(SendError::Timeout(host_id.to_string()))
+            }
+        }
+    }
+}
+
+/// Accept agent connections until the process ends.
+pub async fn serve(core: Core, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                let core = core.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(core, sock).await {
+                        tracing::info!(%peer, error = %e, "agent connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept on agent port failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("protocol: {0}")]
+    Proto(#[from] skyhold_proto::ProtoError),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("storage: {0}")]
+    Db(#[from] skyhold_db::DbError),
+    #[error("no message for {0:?}")]
+    Silent(Duration),
+}
+
+/// Hash of a join token as stored in `cloud_meta`.
+pub fn token_hash(token: &str) -> String {
+    sha256_hex(token.as_bytes())
+}
+
+async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
+    let _ = sock.set_nodelay(true);
+    let (rd, mut wr) = sock.into_split();
+    let mut rd = tokio::io::BufReader::new(rd);
+    let mut buf = Vec::new();
+    let hello: AgentMsg = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut rd, &mut buf))
+        .await
+        .map_err(|_| ConnError::Silent(Duration::from_secs(10)))??;
+    let AgentMsg::Hello { proto, token, agent_id, version, hosts } = hello else {
+        return Err(ConnError::Refused("first message was not hello".into()));
+    };
+    let refuse = |reason: String| async {
+        let mut wr = wr;
+        let _ = write_msg(&mut wr, &MsMsg::Refused { reason: reason.clone() }).await;
+        Err(ConnError::Refused(reason))
+    };
+    if proto != skyhold_proto::PROTO_VERSION {
+        return refuse(format!("unsupported protocol version {proto}")).await;
+    }
+    if core.is_shutting_down() || core.is_fenced() {
+        return refuse("management server is shutting down; try another".into()).await;
+    }
+    let expected = {
+        let mut c = core.db().conn().await?;
+        skyhold_db::config::meta_get(&mut c, "agent_token_hash").await?
+    };
+    let ok = expected
+        .map(|h| constant_eq(h.as_bytes(), token_hash(&token).as_bytes()))
+        .unwrap_or(false);
+    if !ok {
+        tracing::warn!(%agent_id, "agent refused: bad join token");
+        return refuse("invalid join token".into()).await;
+    }
+    if hosts.is_empty() || hosts.len() > 10_000 {
+        return refuse("an agent must report between 1 and 10000 hosts".into()).await;
+    }
+
+    // Where new hosts go: the first cluster.
+    let place = {
+        let mut c = core.db().conn().await?;
+        skyhold_db::infra::cluster_list(&mut c).await?.into_iter().next()
+    };
+    let Some(cluster) = place else {
+        return refuse("no cluster exists yet to place hosts in".into()).await;
+    };
+    let ms_id = core.ms().id.clone();
+    let mut grants = Vec::with_capacity(hosts.len());
+    for h in &hosts {
+        let hc = HostConnect {
+            guid: h.guid.clone(),
+            name: h.name.clone(),
+            ip: h.ip.clone(),
+            hypervisor: h.hypervisor.clone(),
+            cpu_cores: h.cpu_cores as i64,
+            cpu_mhz: h.cpu_mhz as i64,
+            mem_mb: h.mem_mb as i64,
+            agent_id: agent_id.clone(),
+            version: version.clone(),
+            zone_id: cluster.zone_id.clone(),
+            pod_id: cluster.pod_id.clone(),
+            cluster_id: cluster.id.clone(),
+        };
+        let (host_id, generation) = skyhold_db::retry_tx!(core.db(), |tx| {
+            host_take_connection(&mut tx, &hc, &ms_id).await
+        })?;
+        grants.push(HostGrant { guid: h.guid.clone(), host_id, generation: generation as u64 });
+    }
+
+    let ping_ms = (core.settings().get_i64(skyhold_types::settings::PING_INTERVAL).max(1) * 1000) as u64;
+    let welcome = MsMsg::Welcome {
+        ms_id: ms_id.clone(),
+        hosts: grants.clone(),
+        ping_interval_ms: ping_ms,
+        mgmt_addrs: mgmt_addrs(&core),
+    };
+    write_msg(&mut wr, &welcome).await?;
+
+    let (tx, mut rx) = mpsc::channel::<MsMsg>(1024);
+    let conn = Arc::new(AgentConn { tx, pending: Mutex::new(HashMap::new()), agent_id: agent_id.clone() });
+    let by_guid: HashMap<String, (String, i64)> = grants
+        .iter()
+        .map(|g| (g.guid.clone(), (g.host_id.clone(), g.generation as i64)))
+        .collect();
+    for g in &grants {
+        core.agents().insert(
+            g.host_id.clone(),
+            HostConn { guid: g.guid.clone(), generation: g.generation as i64, conn: conn.clone() },
+        );
+    }
+    tracing::info!(%agent_id, hosts = grants.len(), "agent connected");
+    core.wake_jobs();
+
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if write_msg(&mut wr, &m).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let silence = Duration::from_millis(ping_ms * 3 + 2000);
+    let res: Result<(), ConnError> = async {
+        loop {
+            let msg: AgentMsg = tokio::time::timeout(silence, read_msg(&mut rd, &mut buf))
+                .await
+                .map_err(|_| ConnError::Silent(silence))??;
+            match msg {
+                AgentMsg::Answer { req, result } => {
+                    let waiter = conn.pending.lock().ok().and_then(|mut p| p.remove(&req));
+                    if let Some(w) = waiter {
+                        let _ = w.send(result);
+                    }
+                }
+                AgentMsg::Ping { hosts } => {
+                    let mut c = core.db().conn().await?;
+                    for hp in &hosts {
+                        if let Some((hid, generation)) = by_guid.get(&hp.guid)
+                            && !host_ping(&mut c, hid, &ms_id, *generation).await?
+                            && conn_owns(&core, hid, &conn)
+                        {
+                            // Another server took the host over: stop speaking for it.
+                            tracing::info!(host = %hid, "host taken over by another server; dropping it here");
+                            core.agents().remove_if(hid, &conn);
+                        }
+                    }
+                    let _ = conn.tx.send(MsMsg::Pong).await;
+                }
+                AgentMsg::Hello { .. } => return Err(ConnError::Refused("hello sent twice".into())),
+            }
+        }
+    }
+    .await;
+
+    writer.abort();
+    for g in &grants {
+        if let Some(generation) = core.agents().remove_if(&g.host_id, &conn) {
+            let db = core.db().clone();
+            let r = async {
+                let mut c = db.conn().await?;
+                host_disconnect(&mut c, &g.host_id, &ms_id, generation).await
+            }
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(host = %g.host_id, error = %e, "could not record host disconnect");
+            }
+        }
+    }
+    if let Ok(mut p) = conn.pending.lock() {
+        p.clear();
+    }
+    tracing::info!(%agent_id, "agent disconnected");
+    res
+}
+
+fn conn_owns(core: &Core, host_id: &str, conn: &Arc<AgentConn>) -> bool {
+    core.agents().get(host_id).is_some_and(|hc| Arc::ptr_eq(&hc.conn, conn))
+}
+
+/// Addresses handed to agents: the `host` setting, then this server.
+fn mgmt_addrs(core: &Core) -> Vec<String> {
+    let mut out: Vec<String> = core
+        .settings()
+        .get(skyhold_types::settings::HOST)
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .map(|s| if s.contains(':') { s } else { format!("{s}:{}", core.ms().agent_port) })
+        .collect();
+    let me = format!("{}:{}", core.ms().service_ip, core.ms().agent_port);
+    if !out.contains(&me) {
+        out.push(me);
+    }
+    out
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// SHA-256 without another dependency in this crate's public surface.
+mod sha2_lite {
+    pub fn sha256_hex(data: &[u8]) -> String {
+        skyhold_db::crypto::sha256_hex(data)
+    }
+}

@@ -1,0 +1,156 @@
+//! Where a VM should run: a pure function over a snapshot of hosts, table-tested.
+
+/// The facts about one host the planner needs.
+#[derive(Debug, Clone)]
+pub struct HostCap {
+    pub id: String,
+    pub zone_id: String,
+    pub cluster_id: String,
+    pub up: bool,
+    pub enabled: bool,
+    pub tags: Vec<String>,
+    pub cpu_total: i64,
+    pub cpu_used: i64,
+    pub mem_total_mb: i64,
+    pub mem_used_mb: i64,
+}
+
+impl HostCap {
+    fn fits(&self, cpu: i64, mem_mb: i64) -> bool {
+        self.cpu_total - self.cpu_used >= cpu && self.mem_total_mb - self.mem_used_mb >= mem_mb
+    }
+}
+
+/// What is being placed.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub zone_id: &'a str,
+    pub cpu: i64,
+    pub mem_mb: i64,
+    /// An admin's explicit `hostid`: that host or nothing.
+    pub required_host: Option<&'a str>,
+    /// Try this host first (the VM's last host).
+    pub preferred_host: Option<&'a str>,
+    /// Hosts carrying this tag are kept for HA restarts (`ha.tag`).
+    pub avoid_tag: Option<&'a str>,
+    /// Hosts already tried and refused in this placement.
+    pub exclude: &'a [String],
+}
+
+/// Why nothing was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoHost {
+    /// The required host does not exist, is down or disabled.
+    RequiredHostUnusable,
+    /// The required host lacks capacity.
+    RequiredHostFull,
+    /// No usable host in the zone has room.
+    NoCapacity,
+}
+
+/// Pick a host: the required one, else the preferred one if it fits, else the eligible host with
+/// the most free memory (spreading load), ties broken by id for determinism.
+pub fn choose_host<'h>(hosts: &'h [HostCap], req: &Request<'_>) -> Result<&'h HostCap, NoHost> {
+    let usable = |h: &&HostCap| {
+        h.up && h.enabled && h.zone_id == req.zone_id && !req.exclude.iter().any(|x| x == &h.id)
+    };
+    if let Some(rid) = req.required_host {
+        let h = hosts.iter().find(|h| h.id == rid).filter(usable).ok_or(NoHost::RequiredHostUnusable)?;
+        return if h.fits(req.cpu, req.mem_mb) { Ok(h) } else { Err(NoHost::RequiredHostFull) };
+    }
+    let eligible = |h: &&HostCap| {
+        usable(h)
+            && h.fits(req.cpu, req.mem_mb)
+            && !req.avoid_tag.is_some_and(|t| !t.is_empty() && h.tags.iter().any(|x| x == t))
+    };
+    if let Some(pid) = req.preferred_host
+        && let Some(h) = hosts.iter().filter(eligible).find(|h| h.id == pid)
+    {
+        return Ok(h);
+    }
+    hosts
+        .iter()
+        .filter(eligible)
+        .max_by(|a, b| {
+            let fa = a.mem_total_mb - a.mem_used_mb;
+            let fb = b.mem_total_mb - b.mem_used_mb;
+            fa.cmp(&fb).then_with(|| b.id.cmp(&a.id))
+        })
+        .ok_or(NoHost::NoCapacity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(id: &str, zone: &str, cpu_used: i64, mem_used: i64) -> HostCap {
+        HostCap {
+            id: id.into(),
+            zone_id: zone.into(),
+            cluster_id: "c1".into(),
+            up: true,
+            enabled: true,
+            tags: vec![],
+            cpu_total: 8,
+            cpu_used,
+            mem_total_mb: 8192,
+            mem_used_mb: mem_used,
+        }
+    }
+
+    fn req<'a>(zone: &'a str) -> Request<'a> {
+        Request {
+            zone_id: zone,
+            cpu: 2,
+            mem_mb: 2048,
+            required_host: None,
+            preferred_host: None,
+            avoid_tag: None,
+            exclude: &[],
+        }
+    }
+
+    #[test]
+    fn picks_most_free_memory_in_zone() {
+        let hosts = vec![h("a", "z1", 0, 4096), h("b", "z1", 0, 1024), h("c", "z2", 0, 0)];
+        assert_eq!(choose_host(&hosts, &req("z1")).unwrap().id, "b");
+    }
+
+    #[test]
+    fn table() {
+        let mut down = h("d", "z1", 0, 0);
+        down.up = false;
+        let mut disabled = h("e", "z1", 0, 0);
+        disabled.enabled = false;
+        let mut tagged = h("t", "z1", 0, 0);
+        tagged.tags = vec!["ha_host".into()];
+        let full = h("f", "z1", 7, 0);
+        let ok = h("o", "z1", 0, 6000);
+
+        let hosts = vec![down.clone(), disabled.clone(), tagged.clone(), full.clone(), ok.clone()];
+        // Tagged host is free-est but reserved for HA.
+        let mut r = req("z1");
+        r.avoid_tag = Some("ha_host");
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "o");
+        // Without ha.tag it is used.
+        assert_eq!(choose_host(&hosts, &req("z1")).unwrap().id, "t");
+        // Required host semantics.
+        let mut r = req("z1");
+        r.required_host = Some("d");
+        assert_eq!(choose_host(&hosts, &r).unwrap_err(), NoHost::RequiredHostUnusable);
+        r.required_host = Some("f");
+        assert_eq!(choose_host(&hosts, &r).unwrap_err(), NoHost::RequiredHostFull);
+        r.required_host = Some("nope");
+        assert_eq!(choose_host(&hosts, &r).unwrap_err(), NoHost::RequiredHostUnusable);
+        // Preferred host wins when it fits.
+        let mut r = req("z1");
+        r.preferred_host = Some("o");
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "o");
+        // Exclusions and no capacity.
+        let ex = vec!["t".to_string(), "o".to_string()];
+        let mut r = req("z1");
+        r.exclude = &ex;
+        assert_eq!(choose_host(&hosts, &r).unwrap_err(), NoHost::NoCapacity);
+        assert_eq!(choose_host(&hosts, &req("z9")).unwrap_err(), NoHost::NoCapacity);
+    }
+}
