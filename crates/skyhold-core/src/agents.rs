@@ -189,16 +189,18 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
     let AgentMsg::Hello { proto, token, agent_id, version, hosts } = hello else {
         return Err(ConnError::Refused("first message was not hello".into()));
     };
-    let refuse = |reason: String| async {
-        let mut wr = wr;
-        let _ = write_msg(&mut wr, &MsMsg::Refused { reason: reason.clone() }).await;
-        Err(ConnError::Refused(reason))
-    };
+    macro_rules! refuse {
+        ($reason:expr) => {{
+            let reason: String = $reason;
+            let _ = write_msg(&mut wr, &MsMsg::Refused { reason: reason.clone() }).await;
+            return Err(ConnError::Refused(reason));
+        }};
+    }
     if proto != skyhold_proto::PROTO_VERSION {
-        return refuse(format!("unsupported protocol version {proto}")).await;
+        refuse!(format!("unsupported protocol version {proto}"));
     }
     if core.is_shutting_down() || core.is_fenced() {
-        return refuse("management server is shutting down; try another".into()).await;
+        refuse!("management server is shutting down; try another".into());
     }
     let expected = {
         let mut c = core.db().conn().await?;
@@ -209,10 +211,10 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
         .unwrap_or(false);
     if !ok {
         tracing::warn!(%agent_id, "agent refused: bad join token");
-        return refuse("invalid join token".into()).await;
+        refuse!("invalid join token".into());
     }
     if hosts.is_empty() || hosts.len() > 10_000 {
-        return refuse("an agent must report between 1 and 10000 hosts".into()).await;
+        refuse!("an agent must report between 1 and 10000 hosts".into());
     }
 
     // Where new hosts go: the first cluster.
@@ -221,7 +223,7 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
         skyhold_db::infra::cluster_list(&mut c).await?.into_iter().next()
     };
     let Some(cluster) = place else {
-        return refuse("no cluster exists yet to place hosts in".into()).await;
+        refuse!("no cluster exists yet to place hosts in".into());
     };
     let ms_id = core.ms().id.clone();
     let mut grants = Vec::with_capacity(hosts.len());

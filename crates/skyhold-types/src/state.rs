@@ -77,7 +77,7 @@ impl VmState {
             (Stopped | Error, StartRequested) => Starting,
             (Starting, OperationSucceeded) => Running,
             (Starting, OperationFailed) => Stopped,
-            (Running, StopRequested) => Stopping,
+            (Running | Error, StopRequested) => Stopping,
             (Stopping, OperationSucceeded) => Stopped,
             (Stopping, OperationFailed) => Running,
             (Running | Stopped | Error | Starting | Stopping, DestroyRequested) => Destroyed,

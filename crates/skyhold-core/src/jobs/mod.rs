@@ -1,0 +1,231 @@
+//! The job executor: claims runnable jobs, runs them step by step, keeps their leases alive.
+//!
+//! Durability protocol (every job kind follows it):
+//! - A job's progress is `(step, step_state)` in `async_job`. A step's domain change and the
+//!   record that the step is done are written in **one transaction**, conditional on the lease
+//!   generation (`job_save_step`/`job_complete` return false for a stale owner, and the whole
+//!   transaction is rolled back).
+//! - A step that talks to an agent sends `(job_id, step)` with the command. If this server dies
+//!   after the agent executed the command but before the result was recorded, the next owner
+//!   resends the same `(job_id, step)` and the agent answers with the stored result instead of
+//!   executing again.
+//! - Jobs on one VM run one at a time in submission order (`job_claim` only returns the oldest
+//!   unfinished job of each object).
+
+mod vm_destroy;
+mod vm_reboot;
+mod vm_start;
+mod vm_stop;
+
+use crate::agents::SendError;
+use crate::vm::cmd;
+use crate::{Core, CoreError};
+use serde_json::{Value, json};
+use skyhold_db::job::{Claimed, Job, job_claim, job_complete, job_renew, job_save_step};
+use skyhold_db::{Sql, Tx, retry_tx};
+use skyhold_proto::{Command, CommandResult};
+use skyhold_types::ErrorCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Lease of a claimed job; renewed every third of it while the job runs.
+pub const JOB_LEASE_MS: i64 = 15_000;
+/// Jobs one server runs at once.
+pub const MAX_CONCURRENT_JOBS: usize = 64;
+
+/// A job being run by this server, with the generation its writes must carry.
+pub struct JobCtx {
+    pub core: Core,
+    pub job: Job,
+    pub gen_: i64,
+    pub params: Value,
+    lost: Arc<AtomicBool>,
+}
+
+/// How a job ended (already written to the database).
+#[derive(Debug)]
+pub enum Outcome {
+    Done,
+}
+
+impl JobCtx {
+    pub fn vm_id(&self) -> &str {
+        self.job.instance_id.as_deref().unwrap_or("")
+    }
+
+    pub fn step_state(&self) -> Value {
+        serde_json::from_str(&self.job.step_state).unwrap_or(Value::Null)
+    }
+
+    /// Record step completion in the caller's transaction; rolls back via `LeaseLost` if stale.
+    pub async fn save_step(&self, tx: &mut Tx, step: i64, state: Value) -> Result<(), CoreError> {
+        let s = state.to_string();
+        if !job_save_step(tx, &self.job.id, self.gen_, step, &s).await? {
+            return Err(CoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    /// Finish successfully with `result` (the `jobresult` object).
+    pub async fn succeed(&self, tx: &mut Tx, result: Value) -> Result<(), CoreError> {
+        if !job_complete(tx, &self.job.id, self.gen_, 1, 0, &result.to_string()).await? {
+            return Err(CoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    /// Finish with a failure visible to the user.
+    pub async fn fail(&self, tx: &mut Tx, code: ErrorCode, text: &str) -> Result<(), CoreError> {
+        let result = json!({ "errorcode": code.code(), "errortext": text });
+        if !job_complete(tx, &self.job.id, self.gen_, 2, code.code() as i64, &result.to_string()).await? {
+            return Err(CoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    /// The VM rendered for the job result (admin view if the job's account is an admin).
+    pub async fn vm_result(&self, c: &mut dyn Sql) -> Result<Value, CoreError> {
+        let vm = skyhold_db::vm::vm_fetch(c, self.vm_id()).await?;
+        let Some(vm) = vm else {
+            return Ok(json!({ "success": true }));
+        };
+        let nics = skyhold_db::vm::nic_list_for_vms(c, std::slice::from_ref(&vm.id)).await?;
+        let admin = skyhold_db::account::user_fetch(c, &self.job.user_id).await?.is_some_and(|u| u.account_type == 1);
+        Ok(json!({ "virtualmachine": crate::view::vm_json(&vm, &nics, admin) }))
+    }
+
+    /// Send a command for step `step` and wait for the answer, resending (same `(job, step)`, so
+    /// the agent never executes twice) while the host is unreachable, up to the `wait` setting.
+    pub async fn agent(&self, host_id: &str, step: u32, cmd: Command) -> Result<AgentOutcome, CoreError> {
+        let wait_s = self.core.settings().get_i64(skyhold_types::settings::AGENT_COMMAND_TIMEOUT).max(1);
+        let deadline = Instant::now() + Duration::from_secs(wait_s as u64);
+        let mut delay = Duration::from_millis(50);
+        loop {
+            if self.lost.load(Ordering::SeqCst) {
+                return Err(CoreError::LeaseLost);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(AgentOutcome::Unreachable);
+            }
+            match self.core.agent_send(host_id, &self.job.id, step, cmd.clone(), left).await {
+                Ok(CommandResult::Ok { state }) => return Ok(AgentOutcome::Done(state)),
+                Ok(CommandResult::Failed { message }) => return Ok(AgentOutcome::Failed(message)),
+                Ok(CommandResult::StaleGeneration { .. }) | Ok(CommandResult::UnknownHost) => {}
+                Err(SendError::Fenced) => return Err(CoreError::LeaseLost),
+                Err(_) => {}
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+/// What an agent step came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentOutcome {
+    Done(skyhold_proto::PowerState),
+    Failed(String),
+    /// No answer within the `wait` setting: the command's effect is unknown.
+    Unreachable,
+}
+
+/// Run jobs until the process ends.
+pub async fn run_executor(core: Core) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_JOBS));
+    loop {
+        if core.is_registered() && !core.is_shutting_down() {
+            let free = sem.available_permits();
+            if free > 0 {
+                let ms_id = core.ms().id.clone();
+                let claimed: Result<Vec<Claimed>, CoreError> = retry_tx!(core.db(), |tx| {
+                    async { Ok::<_, CoreError>(job_claim(&mut tx, &ms_id, JOB_LEASE_MS, free as i64).await?) }.await
+                });
+                match claimed {
+                    Ok(list) => {
+                        for c in list {
+                            let Ok(permit) = sem.clone().acquire_owned().await else { break };
+                            let core = core.clone();
+                            tokio::spawn(async move {
+                                run_one(core.clone(), c).await;
+                                drop(permit);
+                                core.wake_jobs();
+                            });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not claim jobs"),
+                }
+            }
+        }
+        tokio::select! {
+            _ = core.jobs_woken() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+async fn run_one(core: Core, claimed: Claimed) {
+    let lost = Arc::new(AtomicBool::new(false));
+    let params = serde_json::from_str(&claimed.job.params).unwrap_or(Value::Null);
+    let job_id = claimed.job.id.clone();
+    let mut ctx = JobCtx { core: core.clone(), gen_: claimed.gen_, job: claimed.job, params, lost: lost.clone() };
+    tracing::info!(job = %job_id, cmd = %ctx.job.cmd, step = ctx.job.step, attempt = ctx.job.attempts, "running job");
+
+    let renew = {
+        let core = core.clone();
+        let lost = lost.clone();
+        let job_id = job_id.clone();
+        let gen_ = ctx.gen_;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis((JOB_LEASE_MS / 3) as u64)).await;
+                let ok = async {
+                    let mut c = core.db().conn().await?;
+                    job_renew(&mut c, &job_id, &core.ms().id, gen_, JOB_LEASE_MS).await
+                }
+                .await;
+                match ok {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(job = %job_id, error = %e, "could not renew job lease"),
+                }
+            }
+        })
+    };
+
+    let res = match ctx.job.cmd.as_str() {
+        cmd::DEPLOY | cmd::START => vm_start::run(&mut ctx).await,
+        cmd::STOP => vm_stop::run(&mut ctx).await,
+        cmd::REBOOT => vm_reboot::run(&mut ctx).await,
+        cmd::DESTROY | cmd::EXPUNGE => vm_destroy::run(&mut ctx).await,
+        other => {
+            let text = format!("unknown job command {other}");
+            fail_job(&ctx, ErrorCode::Internal, &text).await
+        }
+    };
+    renew.abort();
+    match res {
+        Ok(Outcome::Done) => tracing::info!(job = %job_id, "job finished"),
+        Err(CoreError::LeaseLost) => tracing::warn!(job = %job_id, "job lease lost; another server continues it"),
+        Err(e) => {
+            // Infrastructure failure (database unreachable): leave the job to be resumed from its
+            // last durable step when the lease expires, here or on a peer.
+            tracing::error!(job = %job_id, error = %e, "job step failed; it will be resumed");
+        }
+    }
+}
+
+/// Fail a job outright (no domain change).
+pub async fn fail_job(ctx: &JobCtx, code: ErrorCode, text: &str) -> Result<Outcome, CoreError> {
+    retry_tx!(ctx.core.db(), |tx| {
+        async {
+            ctx.fail(&mut tx, code, text).await?;
+            Ok::<_, CoreError>(Outcome::Done)
+        }
+        .await
+    })
+}

@@ -1,0 +1,263 @@
+//! Start a VM (also the second half of `deployVirtualMachine`).
+//!
+//! Step 0 (plan): choose a host with capacity, and in one transaction move the VM Stopped ->
+//! Starting on that host and record step 1 with the host. Step 1 (execute): send `StartVm` as
+//! `(job, 1)`; then in one transaction move the VM Starting -> Running and complete the job. A
+//! host that refuses puts the VM back to Stopped and planning runs again without that host (up to
+//! three hosts). A host that never answers leaves the VM in Error with the reason, holding its
+//! host: its real state is unknown, and invariant 7 forbids guessing.
+
+use super::{AgentOutcome, JobCtx, Outcome};
+use crate::placement::{HostCap, NoHost, Request, choose_host};
+use crate::CoreError;
+use serde_json::json;
+use skyhold_db::infra::{host_list, host_used_capacity_locked};
+use skyhold_db::retry_tx;
+use skyhold_db::vm::{HostChange, vm_fetch, vm_transition};
+use skyhold_proto::{Command, PowerState};
+use skyhold_types::ErrorCode;
+
+const MAX_HOSTS_TRIED: usize = 3;
+
+pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
+    let deploy = ctx.job.cmd == crate::vm::cmd::DEPLOY;
+    if deploy && ctx.params.get("start").and_then(|v| v.as_bool()) == Some(false) {
+        return retry_tx!(ctx.core.db(), |tx| {
+            async {
+                let r = ctx.vm_result(&mut tx).await?;
+                ctx.succeed(&mut tx, r).await?;
+                Ok::<_, CoreError>(Outcome::Done)
+            }
+            .await
+        });
+    }
+    let required_host = ctx.params.get("hostid").and_then(|v| v.as_str()).map(str::to_string);
+    let mut step = ctx.job.step;
+    let mut state = ctx.step_state();
+    let mut replans = 0;
+    loop {
+        match step {
+            0 => {
+                let exclude: Vec<String> = state
+                    .get("exclude")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
+                match plan(ctx, deploy, required_host.as_deref(), &exclude).await? {
+                    Planned::Host(h) => {
+                        step = 1;
+                        state = json!({ "host": h, "exclude": exclude });
+                    }
+                    Planned::Finished => return Ok(Outcome::Done),
+                    Planned::Replan => {
+                        replans += 1;
+                        if replans > 20 {
+                            return super::fail_job(ctx, ErrorCode::InsufficientCapacity, "Insufficient capacity: hosts kept filling up while placing the VM").await;
+                        }
+                    }
+                }
+            }
+            1 => {
+                let host = state.get("host").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+                let vm = {
+                    let mut c = ctx.core.db().conn().await?;
+                    vm_fetch(&mut c, ctx.vm_id()).await?
+                };
+                let Some(vm) = vm else {
+                    return super::fail_job(ctx, ErrorCode::Internal, "the VM disappeared while starting").await;
+                };
+                let cmd = Command::StartVm {
+                    vm_id: vm.id.clone(),
+                    name: vm.name.clone(),
+                    cpu: vm.cpu as u32,
+                    mem_mb: vm.mem_mb as u64,
+                };
+                // A distinct (job, step) per host attempt: one agent process may serve several
+                // hosts and answers a repeated pair from its replay cache.
+                let attempt = state.get("exclude").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0);
+                let outcome = ctx.agent(&host, 1 + 10 * attempt as u32, cmd).await?;
+                if finish(ctx, &host, &state, outcome).await? {
+                    return Ok(Outcome::Done);
+                }
+                // The host refused: plan again without it.
+                let mut exclude: Vec<String> = state
+                    .get("exclude")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
+                exclude.push(host);
+                state = json!({ "exclude": exclude });
+                step = 0;
+            }
+            _ => return super::fail_job(ctx, ErrorCode::Internal, "start job in an unknown step").await,
+        }
+    }
+}
+
+enum Planned {
+    Host(String),
+    Finished,
+    /// Lost a capacity race: plan again.
+    Replan,
+}
+
+async fn plan(ctx: &JobCtx, deploy: bool, required: Option<&str>, exclude: &[String]) -> Result<Planned, CoreError> {
+    let ha_tag = ctx.core.settings().get(skyhold_types::settings::HA_TAG);
+    retry_tx!(ctx.core.db(), |tx| {
+        async {
+            let Some(vm) = vm_fetch(&mut tx, ctx.vm_id()).await? else {
+                ctx.fail(&mut tx, ErrorCode::ParamError, "the VM no longer exists").await?;
+                return Ok(Planned::Finished);
+            };
+            match vm.state.as_str() {
+                "Running" => {
+                    let r = ctx.vm_result(&mut tx).await?;
+                    ctx.succeed(&mut tx, r).await?;
+                    return Ok(Planned::Finished);
+                }
+                "Stopped" | "Error" => {}
+                other => {
+                    let text = format!("VM {} is in state {other} and cannot be started", vm.name);
+                    ctx.fail(&mut tx, ErrorCode::ParamError, &text).await?;
+                    return Ok(Planned::Finished);
+                }
+            }
+            let hosts = host_list(&mut tx).await?;
+            let caps: Vec<HostCap> = hosts
+                .iter()
+                .map(|h| HostCap {
+                    id: h.id.clone(),
+                    zone_id: h.zone_id.clone(),
+                    cluster_id: h.cluster_id.clone(),
+                    up: h.status == "Up",
+                    enabled: h.resource_state == "Enabled",
+                    tags: h.tags.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
+                    cpu_total: h.cpu_cores,
+                    cpu_used: h.used_cpu,
+                    mem_total_mb: h.mem_mb,
+                    mem_used_mb: h.used_mem_mb,
+                })
+                .collect();
+            let req = Request {
+                zone_id: &vm.zone_id,
+                cpu: vm.cpu,
+                mem_mb: vm.mem_mb,
+                required_host: required,
+                preferred_host: vm.last_host_id.as_deref(),
+                avoid_tag: Some(ha_tag.as_str()),
+                exclude,
+            };
+            let host = match choose_host(&caps, &req) {
+                Ok(h) => {
+                    // Re-check under the host lock: a concurrent placement may have used the room.
+                    let (cpu, mem) = host_used_capacity_locked(&mut tx, &h.id).await?;
+                    if h.cpu_total - cpu < vm.cpu || h.mem_total_mb - mem < vm.mem_mb {
+                        return Ok(Planned::Replan);
+                    }
+                    h.id.clone()
+                }
+                Err(why) => {
+                    let text = match why {
+                        NoHost::RequiredHostUnusable => format!(
+                            "Unable to start VM {}: host {} is not Up and Enabled in zone {}",
+                            vm.name,
+                            required.unwrap_or(""),
+                            vm.zone_name
+                        ),
+                        NoHost::RequiredHostFull => format!(
+                            "Insufficient capacity to start VM {} on host {}: it needs {} CPU cores and {} MB of memory",
+                            vm.name,
+                            required.unwrap_or(""),
+                            vm.cpu,
+                            vm.mem_mb
+                        ),
+                        NoHost::NoCapacity => format!(
+                            "Insufficient capacity to start VM {}: no Up and Enabled host in zone {} has {} free CPU cores and {} MB of free memory",
+                            vm.name, vm.zone_name, vm.cpu, vm.mem_mb
+                        ),
+                    };
+                    let code = if why == NoHost::RequiredHostUnusable {
+                        ErrorCode::ResourceUnavailable
+                    } else {
+                        ErrorCode::InsufficientCapacity
+                    };
+                    let to = if deploy { "Error" } else { vm.state.as_str() };
+                    vm_transition(&mut tx, &vm.id, &[vm.state.as_str()], to, HostChange::Keep, Some(&text)).await?;
+                    ctx.fail(&mut tx, code, &text).await?;
+                    return Ok(Planned::Finished);
+                }
+            };
+            let moved =
+                vm_transition(&mut tx, &vm.id, &["Stopped", "Error"], "Starting", HostChange::Set(host.clone()), None)
+                    .await?;
+            if !moved {
+                return Err(CoreError::cs(ErrorCode::ResourceInUse, "VM changed state concurrently; replanning"));
+            }
+            ctx.save_step(&mut tx, 1, json!({ "host": host, "exclude": exclude })).await?;
+            Ok(Planned::Host(host))
+        }
+        .await
+    })
+}
+
+/// Step 1's answer, recorded with the VM's new state in one transaction.
+async fn finish(
+    ctx: &JobCtx,
+    host: &str,
+    state: &serde_json::Value,
+    outcome: AgentOutcome,
+) -> Result<bool, CoreError> {
+    let owner = crate::events::EventOwner {
+        account_id: ctx.job.account_id.clone(),
+        domain_id: ctx.job.domain_id.clone(),
+        user_id: Some(ctx.job.user_id.clone()),
+    };
+    retry_tx!(ctx.core.db(), |tx| {
+        async {
+            match &outcome {
+                AgentOutcome::Done(PowerState::Running) => {
+                    if !vm_transition(&mut tx, ctx.vm_id(), &["Starting"], "Running", HostChange::Keep, None).await? {
+                        return Err(CoreError::LeaseLost);
+                    }
+                    crate::events::record(&mut tx, &owner, "VM.START", "INFO", format!("Started VM on host {host}"), Some(("VirtualMachine", ctx.vm_id()))).await?;
+                    let r = ctx.vm_result(&mut tx).await?;
+                    ctx.succeed(&mut tx, r).await?;
+                }
+                AgentOutcome::Done(PowerState::Stopped) | AgentOutcome::Failed(_) => {
+                    let why = match &outcome {
+                        AgentOutcome::Failed(m) => m.clone(),
+                        _ => "the host reported the VM stopped after starting it".to_string(),
+                    };
+                    vm_transition(&mut tx, ctx.vm_id(), &["Starting"], "Stopped", HostChange::Clear, Some(&why)).await?;
+                    let mut exclude: Vec<String> = state
+                        .get("exclude")
+                        .and_then(|v| v.as_array())
+                        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                        .unwrap_or_default();
+                    exclude.push(host.to_string());
+                    let required = ctx.params.get("hostid").and_then(|v| v.as_str()).is_some();
+                    if exclude.len() >= MAX_HOSTS_TRIED || required {
+                        let text = format!("Unable to start VM: {why}");
+                        if ctx.job.cmd == crate::vm::cmd::DEPLOY {
+                            vm_transition(&mut tx, ctx.vm_id(), &["Stopped"], "Error", HostChange::Keep, Some(&text)).await?;
+                        }
+                        crate::events::record(&mut tx, &owner, "VM.START", "ERROR", text.clone(), Some(("VirtualMachine", ctx.vm_id()))).await?;
+                        ctx.fail(&mut tx, ErrorCode::Internal, &text).await?;
+                    } else {
+                        // Try another host: back to planning, remembering this one.
+                        ctx.save_step(&mut tx, 0, json!({ "exclude": exclude })).await?;
+                        return Ok(false);
+                    }
+                }
+                AgentOutcome::Unreachable => {
+                    let text = format!("Unable to start VM: host {host} did not answer; the VM's state on it is unknown");
+                    vm_transition(&mut tx, ctx.vm_id(), &["Starting"], "Error", HostChange::Keep, Some(&text)).await?;
+                    crate::events::record(&mut tx, &owner, "VM.START", "ERROR", text.clone(), Some(("VirtualMachine", ctx.vm_id()))).await?;
+                    ctx.fail(&mut tx, ErrorCode::ResourceUnavailable, &text).await?;
+                }
+            }
+            Ok::<bool, CoreError>(true)
+        }
+        .await
+    })
+}
