@@ -411,3 +411,25 @@ pub async fn check_current(db: &Db) -> Result<(), DbError> {
         Some(_) => Ok(()),
     }
 }
+
+/// Drop every table (`db init --force`).
+pub async fn drop_everything(db: &Db) -> Result<(), DbError> {
+    let mut c = db.conn().await?;
+    let (conn, d) = c.parts();
+    let q = match d {
+        Dialect::Sqlite => "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+        Dialect::MySql => "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()",
+    };
+    let names: Vec<String> = sqlx::query_scalar(q).fetch_all(&mut *conn).await.ctx("list tables")?;
+    for n in names {
+        if !n.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
+            continue;
+        }
+        let quoted = match d {
+            Dialect::Sqlite => format!("\"{n}\""),
+            Dialect::MySql => format!("`{n}`"),
+        };
+        sqlx::query(&format!("DROP TABLE {quoted}")).execute(&mut *conn).await.ctx("drop table")?;
+    }
+    Ok(())
+}

@@ -1,1 +1,46 @@
-fn main() {}
+//! `skyhold`: the one binary. Subcommands: `demo` (the quickstart), `server` (a management
+//! server), `agent` (a hypervisor agent, with the simulator driver), `db` (init/migrate/status)
+//! and `account` (create API users).
+
+mod agent_cmd;
+mod cli;
+mod config;
+mod db_cmd;
+mod demo;
+mod server_cmd;
+
+use clap::Parser;
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let res = rt.block_on(async move {
+        match cli.command {
+            cli::Cmd::Demo(a) => demo::run(a).await,
+            cli::Cmd::Server(a) => server_cmd::run(a).await,
+            cli::Cmd::Agent(a) => agent_cmd::run(a).await,
+            cli::Cmd::Db(a) => db_cmd::run(a).await,
+            cli::Cmd::Account(a) => db_cmd::account(a).await,
+        }
+    });
+    match res {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Resolving settings from flags, environment and the TOML config file, and opening the node's
+//! database and key.
+
+use crate::cli::NodeArgs;
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use skyhold_db::crypto::Key;
+use skyhold_db::{Db, DbConfig};
+use std::path::{Path, PathBuf};
+
+/// The TOML config file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub db: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub ms_id: Option<String>,
+    pub bind: Option<String>,
+    pub service_ip: Option<String>,
+    pub api_port: Option<u16>,
+    pub agent_port: Option<u16>,
+    pub cluster_port: Option<u16>,
+    pub db_max_connections: Option<u32>,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&Path>) -> Result<FileConfig> {
+        let Some(path) = path else { return Ok(FileConfig::default()) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
+    }
+}
+
+/// Where a node's things are.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub data_dir: PathBuf,
+    pub db_url: String,
+    pub key_file: PathBuf,
+    pub max_connections: u32,
+}
+
+impl Node {
+    pub fn resolve(args: &NodeArgs, file: &FileConfig) -> Result<Node> {
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or_else(|| file.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("/var/lib/skyhold"));
+        let db_url = match args.db.clone().or_else(|| file.db.clone()) {
+            Some(u) => u,
+            None => format!("sqlite://{}", absolute(&data_dir.join("skyhold.db")).display()),
+        };
+        let key_file = args.key_file.clone().or_else(|| file.key_file.clone()).unwrap_or_else(|| data_dir.join("key"));
+        Ok(Node { data_dir, db_url, key_file, max_connections: file.db_max_connections.unwrap_or(32) })
+    }
+
+    pub fn ensure_data_dir(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("create data directory {}", self.data_dir.display()))
+    }
+
+    pub async fn open_db(&self, create: bool) -> Result<Db> {
+        if create {
+            self.ensure_data_dir()?;
+        }
+        let db = Db::connect(&DbConfig { url: self.db_url.clone(), max_connections: self.max_connections, create })
+            .await
+            .with_context(|| format!("connect to database {}", skyhold_db::redact_url(&self.db_url)))?;
+        Ok(db)
+    }
+
+    /// Load the node's key, or explain how to get one.
+    pub fn load_key(&self) -> Result<Key> {
+        if !self.key_file.exists() {
+            bail!(
+                "key file {} is missing: run `skyhold db init` on the first node, or copy the key file from an existing node",
+                self.key_file.display()
+            );
+        }
+        Ok(Key::load(&self.key_file)?)
+    }
+
+    /// Load the key, or create it (first `db init`).
+    pub fn load_or_create_key(&self) -> Result<Key> {
+        if self.key_file.exists() {
+            return self.load_key();
+        }
+        if let Some(dir) = self.key_file.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let k = Key::generate();
+        k.save_new(&self.key_file)?;
+        Ok(k)
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// Write a file with mode 0600.
+pub fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| format!("write {}", path.display()))?;
+    f.write_all(contents.as_bytes()).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
