@@ -59,12 +59,12 @@ pub async fn config_version(c: &mut dyn Sql) -> Result<(i64, i64), DbError> {
 
 pub async fn meta_get(c: &mut dyn Sql, name: &str) -> Result<Option<String>, DbError> {
     let (conn, _) = c.parts();
-    let r = sqlx::query_scalar::<_, String>("SELECT value FROM cloud_meta WHERE name = ?")
+    let r = sqlx::query("SELECT value FROM cloud_meta WHERE name = ?")
         .bind(name)
         .fetch_optional(conn)
         .await
         .ctx("read cluster metadata")?;
-    Ok(r)
+    r.map(|r| crate::get_str(&r, "value")).transpose()
 }
 
 pub async fn meta_set(c: &mut dyn Sql, name: &str, value: &str) -> Result<(), DbError> {

@@ -417,11 +417,21 @@ pub(crate) fn get_i64(r: &AnyRow, col: &str) -> Result<i64, DbError> {
 pub(crate) fn get_opt_i64(r: &AnyRow, col: &str) -> Result<Option<i64>, DbError> {
     r.try_get::<Option<i64>, _>(col).ctx("decode integer column")
 }
+/// Text columns. MySQL reports `TEXT` as a BLOB type through the Any driver, so bytes are
+/// accepted too (and must be UTF-8).
 pub(crate) fn get_str(r: &AnyRow, col: &str) -> Result<String, DbError> {
-    r.try_get::<String, _>(col).ctx("decode text column")
+    get_opt_str(r, col)?.ok_or_else(|| DbError::Corrupt(format!("column {col} is NULL")))
 }
 pub(crate) fn get_opt_str(r: &AnyRow, col: &str) -> Result<Option<String>, DbError> {
-    r.try_get::<Option<String>, _>(col).ctx("decode text column")
+    match r.try_get::<Option<String>, _>(col) {
+        Ok(v) => Ok(v),
+        Err(sqlx::Error::ColumnDecode { .. }) => {
+            let b = r.try_get::<Option<Vec<u8>>, _>(col).ctx("decode text column")?;
+            b.map(|b| String::from_utf8(b).map_err(|_| DbError::Corrupt(format!("column {col} is not UTF-8"))))
+                .transpose()
+        }
+        Err(e) => Err(DbError::Sql { what: "decode text column", source: e }),
+    }
 }
 pub(crate) fn get_bool(r: &AnyRow, col: &str) -> Result<bool, DbError> {
     Ok(get_i64(r, col)? != 0)
