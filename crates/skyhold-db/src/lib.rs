@@ -471,12 +471,13 @@ impl Page {
     }
 }
 
-/// Escape `%`, `_` and `\` for a LIKE pattern (used with `ESCAPE '\'`).
+/// Escape `%`, `_` and `!` for a LIKE pattern used with `ESCAPE '!'` (not a backslash: MySQL
+/// and SQLite disagree on backslashes in string literals).
 pub fn like_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     for ch in s.chars() {
-        if matches!(ch, '%' | '_' | '\\') {
-            out.push('\\');
+        if matches!(ch, '%' | '_' | '!') {
+            out.push('!');
         }
         out.push(ch);
     }
@@ -495,6 +496,6 @@ mod tests {
 
     #[test]
     fn like_escaping() {
-        assert_eq!(like_escape("a%b_c\\"), "a\\%b\\_c\\\\");
+        assert_eq!(like_escape("a%b_c!"), "a!%b!_c!!");
     }
 }

@@ -43,7 +43,8 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                     .and_then(|v| v.as_array())
                     .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
                     .unwrap_or_default();
-                match plan(ctx, deploy, required_host.as_deref(), &exclude).await? {
+                let last_error = state.get("last_error").and_then(|v| v.as_str()).map(str::to_string);
+                match plan(ctx, deploy, required_host.as_deref(), &exclude, last_error.as_deref()).await? {
                     Planned::Host(h) => {
                         step = 1;
                         state = json!({ "host": h, "exclude": exclude });
@@ -76,9 +77,9 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                 // hosts and answers a repeated pair from its replay cache.
                 let attempt = state.get("exclude").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0);
                 let outcome = ctx.agent(&host, 1 + 10 * attempt as u32, cmd).await?;
-                if finish(ctx, &host, &state, outcome).await? {
+                let Some(why) = finish(ctx, &host, &state, outcome).await? else {
                     return Ok(Outcome::Done);
-                }
+                };
                 // The host refused: plan again without it.
                 let mut exclude: Vec<String> = state
                     .get("exclude")
@@ -86,7 +87,7 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                     .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
                     .unwrap_or_default();
                 exclude.push(host);
-                state = json!({ "exclude": exclude });
+                state = json!({ "exclude": exclude, "last_error": why });
                 step = 0;
             }
             _ => return super::fail_job(ctx, ErrorCode::Internal, "start job in an unknown step").await,
@@ -101,7 +102,13 @@ enum Planned {
     Replan,
 }
 
-async fn plan(ctx: &JobCtx, deploy: bool, required: Option<&str>, exclude: &[String]) -> Result<Planned, CoreError> {
+async fn plan(
+    ctx: &JobCtx,
+    deploy: bool,
+    required: Option<&str>,
+    exclude: &[String],
+    last_error: Option<&str>,
+) -> Result<Planned, CoreError> {
     let ha_tag = ctx.core.settings().get(skyhold_types::settings::HA_TAG);
     retry_tx!(ctx.core.db(), |tx| {
         async {
@@ -156,6 +163,19 @@ async fn plan(ctx: &JobCtx, deploy: bool, required: Option<&str>, exclude: &[Str
                     }
                     h.id.clone()
                 }
+                Err(NoHost::NoCapacity) if !exclude.is_empty() => {
+                    // Hosts were tried and refused; no other host remains: report why they refused.
+                    let text = format!(
+                        "Unable to start VM {}: {} (tried {} host(s))",
+                        vm.name,
+                        last_error.unwrap_or("the host refused"),
+                        exclude.len()
+                    );
+                    let to = if deploy { "Error" } else { vm.state.as_str() };
+                    vm_transition(&mut tx, &vm.id, &[vm.state.as_str()], to, HostChange::Keep, Some(&text)).await?;
+                    ctx.fail(&mut tx, ErrorCode::Internal, &text).await?;
+                    return Ok(Planned::Finished);
+                }
                 Err(why) => {
                     let text = match why {
                         NoHost::RequiredHostUnusable => format!(
@@ -200,13 +220,14 @@ async fn plan(ctx: &JobCtx, deploy: bool, required: Option<&str>, exclude: &[Str
     })
 }
 
-/// Step 1's answer, recorded with the VM's new state in one transaction.
+/// Step 1's answer, recorded with the VM's new state in one transaction. `Some(why)` when the
+/// host refused and another host should be tried.
 async fn finish(
     ctx: &JobCtx,
     host: &str,
     state: &serde_json::Value,
     outcome: AgentOutcome,
-) -> Result<bool, CoreError> {
+) -> Result<Option<String>, CoreError> {
     let owner = crate::events::EventOwner {
         account_id: ctx.job.account_id.clone(),
         domain_id: ctx.job.domain_id.clone(),
@@ -245,8 +266,8 @@ async fn finish(
                         ctx.fail(&mut tx, ErrorCode::Internal, &text).await?;
                     } else {
                         // Try another host: back to planning, remembering this one.
-                        ctx.save_step(&mut tx, 0, json!({ "exclude": exclude })).await?;
-                        return Ok(false);
+                        ctx.save_step(&mut tx, 0, json!({ "exclude": exclude, "last_error": why })).await?;
+                        return Ok(Some(why));
                     }
                 }
                 AgentOutcome::Unreachable => {
@@ -256,7 +277,7 @@ async fn finish(
                     ctx.fail(&mut tx, ErrorCode::ResourceUnavailable, &text).await?;
                 }
             }
-            Ok::<bool, CoreError>(true)
+            Ok::<Option<String>, CoreError>(None)
         }
         .await
     })
