@@ -138,6 +138,11 @@ pub fn random_token(n: usize) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// Hex SHA-256 of `data` (join-token hashes).
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,9 +178,4 @@ mod tests {
         assert_eq!(Key::load(&p).unwrap().fingerprint(), k.fingerprint());
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// Hex SHA-256 of `data` (join-token hashes).
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
 }

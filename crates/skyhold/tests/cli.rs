@@ -1,0 +1,148 @@
+//! The command line: `db init` refusals, key and id checks at server start, and the demo.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("run skyhold")
+}
+
+#[test]
+fn help_on_every_subcommand() {
+    for sub in [&["--help"][..], &["demo", "--help"], &["server", "--help"], &["agent", "--help"], &["db", "init", "--help"], &["db", "migrate", "--help"], &["db", "status", "--help"], &["account", "create", "--help"]] {
+        let out = run(sub);
+        assert!(out.status.success(), "{sub:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{sub:?}");
+    }
+}
+
+#[test]
+fn db_init_refuses_to_overwrite_and_status_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let first: Value = serde_json::from_str(&run_ok(&["db", "init", "--data-dir", d])).unwrap();
+    assert!(first["admin"]["secretkey"].is_string());
+    assert!(dir.path().join("key").exists());
+    let again = run(&["db", "init", "--data-dir", d]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"), "{}", String::from_utf8_lossy(&again.stderr));
+    let st: Value = serde_json::from_str(&run_ok(&["db", "status", "--data-dir", d])).unwrap();
+    assert_eq!(st["initialized"], true);
+    assert_eq!(st["up_to_date"], true);
+    let second: Value = serde_json::from_str(&run_ok(&["db", "init", "--data-dir", d, "--force"])).unwrap();
+    assert_ne!(first["admin"]["apikey"], second["admin"]["apikey"], "--force starts again");
+    let m: Value = serde_json::from_str(&run_ok(&["db", "migrate", "--data-dir", d])).unwrap();
+    assert_eq!(m["applied"], serde_json::json!([]));
+    // Secrets are not stored in clear.
+    let raw = std::fs::read(dir.path().join("skyhold.db")).unwrap();
+    let secret = second["admin"]["secretkey"].as_str().unwrap();
+    assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()), "API secret stored in clear");
+    assert!(!raw.windows(8).any(|w| w == second["admin"]["password"].as_str().unwrap()[..8].as_bytes()));
+}
+
+#[test]
+fn server_refuses_wrong_key_missing_schema_and_duplicate_id() {
+    let Some(c) = Cloud::start(Backend::Sqlite, 0) else { return };
+    let d = c.dir.path().to_str().unwrap().to_string();
+    // A second node with a different key file.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("key"), format!("{}\n", "ab".repeat(32))).unwrap();
+    let out = run(&["server", "--data-dir", other.path().to_str().unwrap(), "--db", &c.db_url, "--api-port", "0", "--agent-port", "0", "--cluster-port", "0", "--bind", "127.0.0.1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("encryption key does not match the cluster's key: copy"), "{err}");
+    // No key at all.
+    let empty = tempfile::tempdir().unwrap();
+    let out = run(&["server", "--data-dir", empty.path().to_str().unwrap(), "--db", &c.db_url]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key file"), "{}", String::from_utf8_lossy(&out.stderr));
+    // A database without schema.
+    let out = run(&["server", "--data-dir", &d, "--db", &format!("sqlite://{}", empty.path().join("none.db").display())]);
+    assert!(!out.status.success());
+    // The same server id twice while the first is alive.
+    let out = run(&["server", "--data-dir", &d, "--db", &c.db_url, "--ms-id", "ms1", "--api-port", "0", "--agent-port", "0", "--cluster-port", "0", "--bind", "127.0.0.1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Management server id is not unique"), "{err}");
+}
+
+#[test]
+fn demo_starts_serves_and_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let start = || {
+        Command::new(BIN)
+            .args(["demo", "--data-dir", d.to_str().unwrap(), "--hosts", "2", "--api-port", "0", "--agent-port", "0", "--cluster-port", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn demo")
+    };
+    let mut demo = start();
+    let t0 = std::time::Instant::now();
+    let info: Value = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(d.join("demo.json")).ok().and_then(|s| serde_json::from_str(&s).ok())
+    })
+    .expect("demo.json written");
+    let ready_after = t0.elapsed();
+    let procs = info["processes"].as_array().unwrap();
+    assert_eq!(procs.iter().filter(|p| p["role"] == "server").count(), 1);
+    assert_eq!(procs.iter().filter(|p| p["role"] == "agent").count(), 1);
+    assert!(procs.iter().all(|p| p["pid"].as_u64().unwrap_or(0) > 0));
+    assert!(d.join("agent.token").exists());
+    let ini = std::fs::read_to_string(d.join("cloudstack.ini")).unwrap();
+    assert!(ini.starts_with("[cloudstack]\nendpoint = http://127.0.0.1:"), "{ini}");
+    let field = |k: &str| ini.lines().find_map(|l| l.strip_prefix(&format!("{k} = "))).unwrap().to_string();
+    let who = Creds { api_key: field("key"), secret: field("secret"), username: "admin".into(), password: String::new() };
+    let endpoint = field("endpoint");
+    let call = |cmd: &str, p: &[(&str, &str)]| get(&format!("{endpoint}?{}", signed_query(&who, cmd, p)));
+    let hosts = wait_for(Duration::from_secs(20), || {
+        let (_, v) = call("listHosts", &[]);
+        (v["listhostsresponse"]["count"] == 2).then_some(v)
+    });
+    assert!(hosts.is_some(), "the demo's 2 simulated hosts register");
+    let (_, z) = call("listZones", &[]);
+    let zone = z["listzonesresponse"]["zone"][0]["id"].as_str().unwrap().to_string();
+    let (_, t) = call("listTemplates", &[("templatefilter", "featured")]);
+    let tpl = t["listtemplatesresponse"]["template"][0]["id"].as_str().unwrap().to_string();
+    let (_, o) = call("listServiceOfferings", &[]);
+    let off = o["listserviceofferingsresponse"]["serviceoffering"][0]["id"].as_str().unwrap().to_string();
+    let (st, r) = call("deployVirtualMachine", &[("zoneid", &zone), ("templateid", &tpl), ("serviceofferingid", &off), ("name", "demo1")]);
+    assert_eq!(st, 200, "{r}");
+    let job = r["deployvirtualmachineresponse"]["jobid"].as_str().unwrap().to_string();
+    let done = wait_for(Duration::from_secs(30), || {
+        let (_, v) = call("queryAsyncJobResult", &[("jobid", &job)]);
+        (v["queryasyncjobresultresponse"]["jobstatus"] != 0).then_some(v)
+    })
+    .expect("deploy finishes");
+    assert_eq!(done["queryasyncjobresultresponse"]["jobresult"]["virtualmachine"]["state"], "Running");
+
+    // Ctrl-C stops everything it started.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(demo.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let st = wait_for(Duration::from_secs(40), || demo.try_wait().ok().flatten()).expect("demo stops on Ctrl-C");
+    assert!(st.success());
+    for p in procs {
+        let pid = p["pid"].as_i64().unwrap() as i32;
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ");
+        assert!(!alive, "child {pid} still running after the demo stopped");
+    }
+
+    // Started again on the same directory: same keys, the VM is still there.
+    let mut demo = start();
+    let again = wait_for(Duration::from_secs(30), || {
+        let ini = std::fs::read_to_string(d.join("cloudstack.ini")).ok()?;
+        let ep = ini.lines().find_map(|l| l.strip_prefix("endpoint = "))?;
+        // The old endpoint may still be in the file for a moment: a refused connection is "not yet".
+        let resp = ureq::get(&format!("{ep}?{}", signed_query(&who, "listVirtualMachines", &[]))).call().ok()?;
+        resp.into_json::<Value>().ok()
+    })
+    .expect("demo restarts with the same keys");
+    assert_eq!(again["listvirtualmachinesresponse"]["virtualmachine"][0]["name"], "demo1");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(demo.id() as i32), nix::sys::signal::Signal::SIGINT);
+    let _ = wait_for(Duration::from_secs(40), || demo.try_wait().ok().flatten());
+    eprintln!("demo ready (demo.json written) after {:.2} s", ready_after.as_secs_f64());
+}
