@@ -72,7 +72,8 @@ pub async fn init(db: &Db, key: &Key, admin_password: Option<String>) -> Result<
         path: ROOT_DOMAIN_PATH.into(),
         parent_id: None,
     };
-    let agent_token = random_token(24);
+    // Hex, so a token never starts with `-` (it is passed on command lines).
+    let agent_token = hex_token();
     let fp = key.fingerprint();
     let token_hash = sha256_hex(agent_token.as_bytes());
     let cluster_secret = key.encrypt(&random_token(32))?;
@@ -94,7 +95,7 @@ pub async fn init(db: &Db, key: &Key, admin_password: Option<String>) -> Result<
 
 /// Replace the agent join token; returns the new one.
 pub async fn rotate_agent_token(db: &Db) -> Result<String, CoreError> {
-    let token = random_token(24);
+    let token = hex_token();
     let mut c = db.conn().await?;
     meta_set(&mut c, "agent_token_hash", &sha256_hex(token.as_bytes())).await?;
     Ok(token)
@@ -273,4 +274,9 @@ pub async fn seed_demo(db: &Db) -> Result<bool, CoreError> {
         .await
     })?;
     Ok(true)
+}
+
+/// A 192-bit random token in hex.
+fn hex_token() -> String {
+    (0..24).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
 }

@@ -266,8 +266,8 @@ impl Cloud {
                 "agent",
                 "--mgmt",
                 &self.agent_addrs(),
-                "--token",
-                &self.agent_token,
+                // `=` form: a token is data, even if it looked like a flag.
+                &format!("--token={}", self.agent_token),
                 "--simulator",
             ])
             .args(["--hosts", &hosts.to_string(), "--agent-id", name])
