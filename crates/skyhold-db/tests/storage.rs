@@ -10,9 +10,11 @@ use futures::FutureExt;
 use skyhold_db::account::{self, Account, Domain, NewUser, Session};
 use skyhold_db::config::{config_list, config_set, config_version, meta_get, meta_set};
 use skyhold_db::crypto::{self, Key};
+use skyhold_db::event::{self, Event, EventFilter};
 use skyhold_db::infra::{self, Cluster, HostConnect, Offering, Pod, Template, Zone};
 use skyhold_db::job::{self, NewJob};
 use skyhold_db::migrate::{self, LATEST};
+use skyhold_db::ms::{self, MgmtServer};
 use skyhold_db::vm::{self, HostChange, NewVm, Nic, NewVolume, VmFilter, VolumeFilter};
 use skyhold_db::{Db, DbConfig, DbError, Dialect, Page, Retryable, Sql, TX_ATTEMPTS, Tx, retry_tx};
 use sqlx::Connection;
@@ -112,16 +114,22 @@ backends! {
     database_clock => sqlite_database_clock, mysql_database_clock;
     jobs_claim_and_fencing => sqlite_jobs_claim_and_fencing, mysql_jobs_claim_and_fencing;
     jobs_list_and_purge => sqlite_jobs_list_and_purge, mysql_jobs_list_and_purge;
+    jobs_concurrent_claims => sqlite_jobs_concurrent_claims, mysql_jobs_concurrent_claims;
     vm_transitions => sqlite_vm_transitions, mysql_vm_transitions;
     vm_list_filters_and_paging => sqlite_vm_list_filters_and_paging, mysql_vm_list_filters_and_paging;
     vm_list_keyword_is_literal => sqlite_vm_list_keyword_is_literal, mysql_vm_list_keyword_is_literal;
+    vm_list_keyword_ignores_case => sqlite_vm_list_keyword_ignores_case, mysql_vm_list_keyword_ignores_case;
     vm_expunge_frees_addresses => sqlite_vm_expunge_frees_addresses, mysql_vm_expunge_frees_addresses;
     pod_ip_concurrent_allocation => sqlite_pod_ip_concurrent_allocation, mysql_pod_ip_concurrent_allocation;
     pod_ip_exhaustion => sqlite_pod_ip_exhaustion, mysql_pod_ip_exhaustion;
     hosts_ownership => sqlite_hosts_ownership, mysql_hosts_ownership;
     hosts_used_capacity => sqlite_hosts_used_capacity, mysql_hosts_used_capacity;
+    hosts_concurrent_takeover => sqlite_hosts_concurrent_takeover, mysql_hosts_concurrent_takeover;
     sessions => sqlite_sessions, mysql_sessions;
     config_and_meta => sqlite_config_and_meta, mysql_config_and_meta;
+    config_version_sees_every_change => sqlite_config_version_sees_every_change, mysql_config_version_sees_every_change;
+    management_servers => sqlite_management_servers, mysql_management_servers;
+    events => sqlite_events, mysql_events;
     retry_tx_custom_errors => sqlite_retry_tx_custom_errors, mysql_retry_tx_custom_errors;
     retry_tx_real_lock_conflict => sqlite_retry_tx_real_lock_conflict, mysql_retry_tx_real_lock_conflict;
     retry_tx_non_retryable_db_error => sqlite_retry_tx_non_retryable_db_error, mysql_retry_tx_non_retryable_db_error;
@@ -677,6 +685,52 @@ async fn jobs_list_and_purge(db: Db) {
     assert_eq!(list(Some("acct-b"), page(1, 100)).await, (vec!["b2".into()], 1));
 }
 
+async fn jobs_concurrent_claims(db: Db) {
+    migrated(&db).await;
+    {
+        let mut c = db.conn().await.unwrap();
+        for i in 0..12 {
+            job::job_insert(&mut c, &new_job(&format!("free-{i:02}"), "acct", None)).await.unwrap();
+        }
+        for i in 1..=3 {
+            job::job_insert(&mut c, &new_job(&format!("obj-{i}"), "acct", Some("vm-x"))).await.unwrap();
+        }
+    }
+    // Four servers claim at once until nothing is left: every job is claimed exactly once.
+    let mut set = tokio::task::JoinSet::new();
+    for k in 0..4 {
+        let db = db.clone();
+        set.spawn(async move {
+            let ms = format!("ms-{k}");
+            let mut mine = Vec::new();
+            loop {
+                let got = claim(&db, &ms, 60_000).await;
+                if got.is_empty() {
+                    break;
+                }
+                mine.extend(got.into_iter().map(|(id, g)| (id, g, ms.clone())));
+            }
+            mine
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = set.join_next().await {
+        all.extend(r.expect("claim task"));
+    }
+    let mut claimed: Vec<&str> = all.iter().map(|(id, _, _)| id.as_str()).collect();
+    claimed.sort();
+    let mut expected: Vec<String> = (0..12).map(|i| format!("free-{i:02}")).collect();
+    expected.push("obj-1".into());
+    assert_eq!(claimed, expected, "each runnable job claimed exactly once: {all:?}");
+    assert!(all.iter().all(|(_, g, _)| *g == 1), "{all:?}");
+    for (id, _, ms) in &all {
+        let j = fetch_job(&db, id).await;
+        assert_eq!((j.owner_ms.as_deref(), j.lease_gen, j.attempts), (Some(ms.as_str()), 1, 1), "{id}");
+    }
+    assert!(claim(&db, "ms-late", 60_000).await.is_empty());
+    assert_eq!(fetch_job(&db, "obj-2").await.lease_gen, 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // VMs
 // ---------------------------------------------------------------------------------------------
@@ -855,6 +909,28 @@ async fn vm_list_keyword_is_literal(db: Db) {
     assert_eq!(list_vms(&db, &kw("web"), page(2, 3)).await, (names(&["webby2"]), 4));
     let f = VmFilter { keyword: Some("web".into()), state: Some("Stopped".into()), ..Default::default() };
     assert_eq!(list_vms(&db, &f, page(1, 100)).await, (names(&["web%2", "webx1", "webby2"]), 3));
+}
+
+/// CloudStack's `keyword` search is case-insensitive (MySQL's default collation). The same call must
+/// give the same answer on both backends.
+async fn vm_list_keyword_ignores_case(db: Db) {
+    let fx = fixture(&db).await;
+    insert_vm(&db, &new_vm(&fx, "c1", "WebServer", "Running", &fx.account)).await;
+    insert_vm(&db, &new_vm(&fx, "c2", "database", "Stopped", &fx.account)).await;
+    let kw = |k: &str| VmFilter { keyword: Some(k.into()), ..Default::default() };
+    assert_eq!(list_vms(&db, &kw("Server"), page(1, 10)).await, (vec!["WebServer".to_string()], 1));
+    assert_eq!(
+        list_vms(&db, &kw("webserver"), page(1, 10)).await,
+        (vec!["WebServer".to_string()], 1),
+        "keyword search is case-insensitive ({:?})",
+        db.dialect()
+    );
+    assert_eq!(
+        list_vms(&db, &kw("DATA"), page(1, 10)).await,
+        (vec!["database".to_string()], 1),
+        "keyword search is case-insensitive ({:?})",
+        db.dialect()
+    );
 }
 
 async fn vm_expunge_frees_addresses(db: Db) {
@@ -1127,6 +1203,40 @@ async fn hosts_used_capacity(db: Db) {
     assert_eq!(used(&h2), (0, 0, 0));
 }
 
+async fn hosts_concurrent_takeover(db: Db) {
+    let fx = fixture(&db).await;
+    let hc = host_connect(&fx, "guid-race");
+    let (id, g) = take_host(&db, &hc, "ms-0").await;
+    assert_eq!(g, 1);
+    // Six servers take the connection at once: each gets its own generation.
+    let mut set = tokio::task::JoinSet::new();
+    for k in 1..=6 {
+        let db = db.clone();
+        let hc = hc.clone();
+        set.spawn(async move {
+            let ms = format!("ms-{k}");
+            let (hid, g) = take_host(&db, &hc, &ms).await;
+            (hid, g, ms)
+        });
+    }
+    let mut got = Vec::new();
+    while let Some(r) = set.join_next().await {
+        got.push(r.expect("takeover task"));
+    }
+    assert!(got.iter().all(|(hid, _, _)| *hid == id));
+    let mut gens: Vec<i64> = got.iter().map(|(_, g, _)| *g).collect();
+    gens.sort();
+    assert_eq!(gens, vec![2, 3, 4, 5, 6, 7], "{got:?}");
+    let last = got.iter().find(|(_, g, _)| *g == 7).unwrap().2.clone();
+    let mut c = db.conn().await.unwrap();
+    let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
+    assert_eq!((h.owner_gen, h.mgmt_server_id.as_deref()), (7, Some(last.as_str())));
+    // Only the newest owner may ping.
+    for (_, g, ms) in &got {
+        assert_eq!(infra::host_ping(&mut c, &id, ms, *g).await.unwrap(), *g == 7, "{ms} gen {g}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sessions
 // ---------------------------------------------------------------------------------------------
@@ -1207,6 +1317,157 @@ async fn config_and_meta(db: Db) {
     meta_set(&mut c, "cluster_id", "").await.unwrap();
     assert_eq!(meta_get(&mut c, "cluster_id").await.unwrap().as_deref(), Some(""));
     assert_eq!(count(&db, "SELECT COUNT(*) FROM cloud_meta", &[]).await, 2);
+}
+
+/// Servers reload their settings only when `config_version` changes, so every change must move
+/// it, including two changes in the same millisecond of the database clock.
+async fn config_version_sees_every_change(db: Db) {
+    migrated(&db).await;
+    let mut c = db.conn().await.unwrap();
+    config_set(&mut c, "x", "initial").await.unwrap();
+    let mut missed = Vec::new();
+    for i in 0..50 {
+        config_set(&mut c, "x", &format!("a{i}")).await.unwrap();
+        let seen = config_version(&mut c).await.unwrap();
+        config_set(&mut c, "x", &format!("b{i}")).await.unwrap();
+        let after = config_version(&mut c).await.unwrap();
+        if after == seen {
+            missed.push(after);
+        }
+    }
+    assert!(
+        missed.is_empty(),
+        "{} of 50 changes left config_version unchanged (a poller that read the version in between \
+         never reloads): {:?}",
+        missed.len(),
+        &missed[..missed.len().min(3)]
+    );
+}
+
+async fn management_servers(db: Db) {
+    migrated(&db).await;
+    let server = |id: &str, run: &str| MgmtServer {
+        id: id.into(),
+        run_id: run.into(),
+        name: format!("node {id}"),
+        version: "0.1.0".into(),
+        service_ip: "192.0.2.1".into(),
+        api_port: 8080,
+        agent_port: 8250,
+        cluster_port: 9090,
+        state: "ignored".into(),
+        last_heartbeat_ms: 0,
+        started_ms: 0,
+        created_ms: 0,
+        heartbeat_age_ms: 0,
+    };
+    let mut c = db.conn().await.unwrap();
+    ms::ms_register(&mut c, &server("ms-1", "run-1")).await.unwrap();
+    let l = ms::ms_list(&mut c).await.unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!((l[0].id.as_str(), l[0].run_id.as_str(), l[0].state.as_str()), ("ms-1", "run-1", "Up"));
+    assert_eq!((l[0].api_port, l[0].agent_port, l[0].cluster_port), (8080, 8250, 9090));
+    assert!((0..5_000).contains(&l[0].heartbeat_age_ms), "{}", l[0].heartbeat_age_ms);
+    let hb1 = l[0].last_heartbeat_ms;
+    drop(c);
+
+    wait_db_past(&db, hb1 + 30).await;
+    let mut c = db.conn().await.unwrap();
+    let l = ms::ms_list(&mut c).await.unwrap();
+    assert!(l[0].heartbeat_age_ms >= 30, "age on the database clock: {}", l[0].heartbeat_age_ms);
+    assert!(ms::ms_heartbeat(&mut c, "ms-1", "run-1").await.unwrap());
+    assert!(!ms::ms_heartbeat(&mut c, "ms-1", "run-x").await.unwrap());
+    assert!(!ms::ms_heartbeat(&mut c, "ms-9", "run-1").await.unwrap());
+    let l = ms::ms_list(&mut c).await.unwrap();
+    assert!(l[0].last_heartbeat_ms > hb1);
+
+    // A new run of the same server takes the row over; the old run is fenced off.
+    let mut s2 = server("ms-1", "run-2");
+    s2.api_port = 8081;
+    ms::ms_register(&mut c, &s2).await.unwrap();
+    let l = ms::ms_list(&mut c).await.unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!((l[0].run_id.as_str(), l[0].api_port), ("run-2", 8081));
+    assert!(!ms::ms_heartbeat(&mut c, "ms-1", "run-1").await.unwrap());
+    assert!(!ms::ms_set_state(&mut c, "ms-1", "run-1", "Down").await.unwrap());
+    assert!(ms::ms_heartbeat(&mut c, "ms-1", "run-2").await.unwrap());
+
+    // Down: heartbeats stop counting until the server registers again.
+    assert!(ms::ms_set_state(&mut c, "ms-1", "run-2", "Down").await.unwrap());
+    assert!(!ms::ms_heartbeat(&mut c, "ms-1", "run-2").await.unwrap());
+    assert_eq!(ms::ms_list(&mut c).await.unwrap()[0].state, "Down");
+    ms::ms_register(&mut c, &server("ms-1", "run-3")).await.unwrap();
+    assert!(ms::ms_heartbeat(&mut c, "ms-1", "run-3").await.unwrap());
+
+    ms::ms_register(&mut c, &server("ms-2", "run-a")).await.unwrap();
+    let ids: Vec<String> = ms::ms_list(&mut c).await.unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec!["ms-1", "ms-2"]);
+}
+
+async fn events(db: Db) {
+    let fx = fixture(&db).await;
+    let ev = |id: &str, ty: &str, level: &str, desc: &str, account: &str, user: Option<&str>| Event {
+        id: id.into(),
+        event_type: ty.into(),
+        level: level.into(),
+        state: "Completed".into(),
+        description: desc.into(),
+        resource_type: Some("VirtualMachine".into()),
+        resource_id: Some("vm-1".into()),
+        account_id: account.into(),
+        domain_id: fx.domain.clone(),
+        user_id: user.map(str::to_string),
+        created_ms: 0,
+    };
+    let mut c = db.conn().await.unwrap();
+    let rows = [
+        ev("e1", "VM.CREATE", "INFO", "created vm web_1", &fx.account, Some(&fx.user)),
+        ev("e2", "VM.START", "INFO", "started vm webx1 at 100% speed", &fx.account, Some(&fx.user)),
+        ev("e3", "VM.STOP", "WARN", "stopped vm web_1", &fx.account, None),
+        ev("e4", "VM.CREATE", "INFO", "created vm other", &fx.account2, None),
+        ev("e5", "USER.LOGIN", "INFO", "login", "gone-account", None),
+    ];
+    for e in &rows {
+        event::event_insert(&mut c, e).await.unwrap();
+    }
+    let list = |f: EventFilter, p: Page| {
+        let db = db.clone();
+        async move {
+            let mut c = db.conn().await.unwrap();
+            let (rows, total) = event::event_list(&mut c, &f, p).await.unwrap();
+            (rows.into_iter().map(|r| r.event.id).collect::<Vec<_>>(), total)
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(list(EventFilter::default(), page(1, 10)).await, (s(&["e5", "e4", "e3", "e2", "e1"]), 5));
+    assert_eq!(list(EventFilter::default(), page(2, 2)).await, (s(&["e3", "e2"]), 5));
+    let f = EventFilter { account_id: Some(fx.account.clone()), ..Default::default() };
+    assert_eq!(list(f, page(1, 10)).await, (s(&["e3", "e2", "e1"]), 3));
+    let f = EventFilter { event_type: Some("VM.CREATE".into()), ..Default::default() };
+    assert_eq!(list(f, page(1, 10)).await, (s(&["e4", "e1"]), 2));
+    let f = EventFilter { level: Some("WARN".into()), ..Default::default() };
+    assert_eq!(list(f, page(1, 10)).await, (s(&["e3"]), 1));
+    let f = EventFilter { id: Some("e2".into()), ..Default::default() };
+    assert_eq!(list(f, page(1, 10)).await, (s(&["e2"]), 1));
+    let kw = |k: &str| EventFilter { keyword: Some(k.into()), ..Default::default() };
+    assert_eq!(list(kw("web_1"), page(1, 10)).await, (s(&["e3", "e1"]), 2));
+    assert_eq!(list(kw("b_"), page(1, 10)).await, (s(&["e3", "e1"]), 2), "`_` is literal");
+    assert_eq!(list(kw("%"), page(1, 10)).await, (s(&["e2"]), 1), "`%` is literal");
+    assert_eq!(list(kw("LOGIN"), page(1, 10)).await, (s(&["e5"]), 1), "matches the type");
+
+    let (full, _) = event::event_list(&mut c, &EventFilter::default(), page(1, 10)).await.unwrap();
+    let by_id = |id: &str| full.iter().find(|r| r.event.id == id).unwrap();
+    let e1 = by_id("e1");
+    assert_eq!((e1.account_name.as_str(), e1.domain_name.as_str()), ("alice", "ROOT"));
+    assert_eq!(e1.username.as_deref(), Some("alice"));
+    assert_eq!(e1.event.description, "created vm web_1");
+    assert_eq!(e1.event.resource_id.as_deref(), Some("vm-1"));
+    assert!(e1.event.created_ms > 0);
+    assert_eq!(by_id("e3").username, None);
+    assert_eq!(by_id("e5").account_name, "", "unknown account: empty name");
+    // Event ids are unique.
+    let dup = event::event_insert(&mut c, &rows[0]).await.expect_err("duplicate event id");
+    assert!(dup.is_unique_violation(), "{dup}");
 }
 
 // ---------------------------------------------------------------------------------------------

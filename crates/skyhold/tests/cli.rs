@@ -146,3 +146,37 @@ fn demo_starts_serves_and_keeps_its_data() {
     let _ = wait_for(Duration::from_secs(40), || demo.try_wait().ok().flatten());
     eprintln!("demo ready (demo.json written) after {:.2} s", ready_after.as_secs_f64());
 }
+
+#[test]
+fn server_reads_its_config_file_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    run_ok(&["db", "init", "--data-dir", d]);
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!("data_dir = \"{d}\"\nbind = \"127.0.0.1\"\napi_port = 0\nagent_port = 0\ncluster_port = 0\nms_id = \"from-file\"\n"),
+    )
+    .unwrap();
+    let ports = dir.path().join("ports.json");
+    let mut child = Command::new(BIN)
+        .args(["server", "--config", cfg.to_str().unwrap(), "--ports-file", ports.to_str().unwrap()])
+        .env("SKYHOLD_MS_ID", "from-env")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let v: Option<Value> =
+        wait_for(Duration::from_secs(20), || std::fs::read_to_string(&ports).ok().and_then(|s| serde_json::from_str(&s).ok()));
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = v.expect("server started from its config file");
+    assert_eq!(v["msid"], "from-env", "the environment wins over the file");
+    assert!(v["api"].as_u64().unwrap() > 0);
+    // A config file with an unknown key is refused with a clear message.
+    std::fs::write(&cfg, "colour = \"blue\"\n").unwrap();
+    let out = run(&["server", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colour"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -96,10 +96,30 @@ pub struct Cloud {
     pub servers: Vec<(Proc, u16, u16)>,
     pub agents: Vec<Proc>,
     pub api_port: u16,
+    /// Set by tests that provoke errors on purpose.
+    pub allow_error_logs: bool,
 }
 
 impl Drop for Cloud {
     fn drop(&mut self) {
+        // A test fails on unexpected ERROR lines in a server's log (neon's rule): an error that
+        // nobody asserted on is a bug that would otherwise go unnoticed.
+        if !std::thread::panicking() && !self.allow_error_logs {
+            let mut found = Vec::new();
+            for (s, _, _) in &self.servers {
+                let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+                found.extend(log.lines().filter(|l| l.contains(" ERROR ")).map(|l| format!("{}: {l}", s.name)));
+            }
+            if !found.is_empty() {
+                for a in &mut self.agents {
+                    a.kill9();
+                }
+                for (s, _, _) in &mut self.servers {
+                    s.kill9();
+                }
+                panic!("unexpected ERROR lines in server logs:\n{}", found.join("\n"));
+            }
+        }
         for a in &mut self.agents {
             a.kill9();
         }
@@ -167,6 +187,7 @@ impl Cloud {
             servers: Vec::new(),
             agents: Vec::new(),
             api_port: 0,
+            allow_error_logs: false,
         };
         cloud.start_server("ms1");
         if hosts > 0 {
