@@ -1,5 +1,5 @@
-//! The settings cache. Every server re-reads the `configuration` table when its version (row count
-//! and newest change time) moves, polled every half second, so `updateConfiguration` applies on
+//! The settings cache. Every server re-reads the `configuration` table when the settings sequence
+//! (a counter bumped by every change) moves, polled every half second, so `updateConfiguration` applies on
 //! every server without a restart.
 
 use skyhold_db::{Db, DbError};
@@ -11,7 +11,7 @@ use std::time::Duration;
 #[derive(Default)]
 pub struct Settings {
     values: RwLock<HashMap<String, String>>,
-    version: RwLock<(i64, i64)>,
+    version: RwLock<Option<i64>>,
 }
 
 impl Settings {
@@ -47,7 +47,7 @@ impl Settings {
     pub async fn refresh(&self, db: &Db) -> Result<bool, DbError> {
         let mut c = db.conn().await?;
         let ver = skyhold_db::config::config_version(&mut c).await?;
-        let same = self.version.read().map(|v| *v == ver).unwrap_or(false);
+        let same = self.version.read().map(|v| *v == Some(ver)).unwrap_or(false);
         if same {
             return Ok(false);
         }
@@ -57,7 +57,7 @@ impl Settings {
             *v = map;
         }
         if let Ok(mut v) = self.version.write() {
-            *v = ver;
+            *v = Some(ver);
         }
         Ok(true)
     }

@@ -26,9 +26,13 @@ pub async fn config_list(c: &mut dyn Sql) -> Result<Vec<ConfigRow>, DbError> {
         .collect()
 }
 
-/// Set a setting (insert or update).
+/// Set a setting (insert or update) and bump the settings sequence, which every server polls.
 pub async fn config_set(c: &mut dyn Sql, name: &str, value: &str) -> Result<(), DbError> {
     let (conn, dl) = c.parts();
+    sqlx::query("UPDATE config_seq SET seq = seq + 1 WHERE id = 1")
+        .execute(&mut *conn)
+        .await
+        .ctx("bump settings sequence")?;
     let n = sqlx::query(&sql(dl, "UPDATE configuration SET value = ?, updated_ms = {now} WHERE name = ?"))
         .bind(value)
         .bind(name)
@@ -47,14 +51,12 @@ pub async fn config_set(c: &mut dyn Sql, name: &str, value: &str) -> Result<(), 
     Ok(())
 }
 
-/// Newest change time of any setting: cheap to poll, so every server notices changes at once.
-pub async fn config_version(c: &mut dyn Sql) -> Result<(i64, i64), DbError> {
+/// The settings sequence: grows with every change (a counter, not a time, so two changes in the
+/// same millisecond or from skewed clocks are both seen). Cheap to poll.
+pub async fn config_version(c: &mut dyn Sql) -> Result<i64, DbError> {
     let (conn, _) = c.parts();
-    let r = sqlx::query("SELECT COUNT(*) AS n, COALESCE(MAX(updated_ms), 0) AS m FROM configuration")
-        .fetch_one(conn)
-        .await
-        .ctx("read settings version")?;
-    Ok((get_i64(&r, "n")?, get_i64(&r, "m")?))
+    let r = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS s FROM config_seq").fetch_one(conn).await.ctx("read settings version")?;
+    get_i64(&r, "s")
 }
 
 pub async fn meta_get(c: &mut dyn Sql, name: &str) -> Result<Option<String>, DbError> {

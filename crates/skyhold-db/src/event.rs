@@ -73,7 +73,7 @@ pub async fn event_list(c: &mut dyn Sql, f: &EventFilter, page: Page) -> Result<
         }
     }
     if let Some(k) = &f.keyword {
-        wh.push("(e.description LIKE ? ESCAPE '!' OR e.type LIKE ? ESCAPE '!')".into());
+        wh.push("(LOWER(e.description) LIKE LOWER(?) ESCAPE '!' OR LOWER(e.type) LIKE LOWER(?) ESCAPE '!')".into());
         let p = format!("%{}%", crate::like_escape(k));
         binds.push(crate::Bind::S(p.clone()));
         binds.push(crate::Bind::S(p));

@@ -172,12 +172,16 @@ pub async fn pod_insert(c: &mut dyn Sql, p: &Pod) -> Result<(), DbError> {
     .ctx("insert pod")?;
     let mut n = s;
     while n <= e {
-        let chunk_end = (n + 499).min(e);
-        let values: Vec<String> = (n..=chunk_end)
-            .map(|i| format!("('{}', {i}, '{}')", p.id.replace('\'', ""), Ipv4Addr::from(i as u32)))
-            .collect();
-        let q = format!("INSERT INTO pod_ip (pod_id, ip_num, ip) VALUES {}", values.join(","));
-        sqlx::query(&q).execute(&mut *conn).await.ctx("insert pod addresses")?;
+        let chunk_end = (n + 299).min(e);
+        let q = format!(
+            "INSERT INTO pod_ip (pod_id, ip_num, ip) VALUES {}",
+            vec!["(?, ?, ?)"; (chunk_end - n + 1) as usize].join(",")
+        );
+        let mut qq = sqlx::query(&q);
+        for i in n..=chunk_end {
+            qq = qq.bind(p.id.as_str()).bind(i).bind(Ipv4Addr::from(i as u32).to_string());
+        }
+        qq.execute(&mut *conn).await.ctx("insert pod addresses")?;
         n = chunk_end + 1;
     }
     Ok(())

@@ -266,6 +266,12 @@ CREATE TABLE configuration (
   updated_ms BIGINT NOT NULL
 ){engine};
 
+CREATE TABLE config_seq (
+  id BIGINT NOT NULL PRIMARY KEY,
+  seq BIGINT NOT NULL
+){engine};
+INSERT INTO config_seq (id, seq) VALUES (1, 0);
+
 CREATE TABLE event (
   seq {pk_col},
   id VARCHAR(64) NOT NULL UNIQUE,

@@ -224,7 +224,7 @@ pub async fn vm_list(c: &mut dyn Sql, f: &VmFilter, page: Page) -> Result<(Vec<V
     }
     if let Some(k) = &f.keyword {
         let pat = format!("%{}%", like_escape(k));
-        wh.push("(v.name LIKE ? ESCAPE '!' OR v.display_name LIKE ? ESCAPE '!' OR v.state LIKE ? ESCAPE '!')".into());
+        wh.push("(LOWER(v.name) LIKE LOWER(?) ESCAPE '!' OR LOWER(v.display_name) LIKE LOWER(?) ESCAPE '!' OR LOWER(v.state) LIKE LOWER(?) ESCAPE '!')".into());
         binds.push(Bind::S(pat.clone()));
         binds.push(Bind::S(pat.clone()));
         binds.push(Bind::S(pat));
@@ -476,7 +476,7 @@ pub async fn volume_list(
         }
     }
     if let Some(k) = &f.keyword {
-        wh.push("vo.name LIKE ? ESCAPE '!'".into());
+        wh.push("LOWER(vo.name) LIKE LOWER(?) ESCAPE '!'".into());
         binds.push(Bind::S(format!("%{}%", like_escape(k))));
     }
     let where_ = wh.join(" AND ");
