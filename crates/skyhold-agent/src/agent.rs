@@ -43,11 +43,7 @@ struct ReplayCache {
 
 impl ReplayCache {
     fn new(cap: usize) -> ReplayCache {
-        ReplayCache {
-            cap: cap.max(1),
-            map: HashMap::new(),
-            order: VecDeque::new(),
-        }
+        ReplayCache { cap: cap.max(1), map: HashMap::new(), order: VecDeque::new() }
     }
 
     fn get(&self, job_id: &str, step: u32) -> Option<CommandResult> {
@@ -93,32 +89,17 @@ impl Agent {
             return Err(AgentError::Config("agent id must not be empty".into()));
         }
         if cfg.hosts == 0 {
-            return Err(AgentError::Config(
-                "the agent must simulate at least one host".into(),
-            ));
+            return Err(AgentError::Config("the agent must simulate at least one host".into()));
         }
         let ledger = cfg.ledger_path.as_deref().map(Ledger::open).transpose()?;
         let mut hosts = Vec::new();
         let mut by_guid = HashMap::new();
         for i in 0..cfg.hosts {
             let guid = cfg.host_guid(i);
-            let sim = Simulator::new(
-                guid.clone(),
-                guid.clone(),
-                cfg.host_cpu_cores,
-                cfg.host_cpu_mhz,
-                cfg.host_mem_mb,
-            )
-            .with_fail_rules(cfg.fail_rules.clone());
+            let sim = Simulator::new(guid.clone(), guid.clone(), cfg.host_cpu_cores, cfg.host_cpu_mhz, cfg.host_mem_mb)
+                .with_fail_rules(cfg.fail_rules.clone());
             by_guid.insert(guid.clone(), hosts.len());
-            hosts.push((
-                guid,
-                Mutex::new(HostState {
-                    sim,
-                    max_generation: 0,
-                    host_id: None,
-                }),
-            ));
+            hosts.push((guid, Mutex::new(HostState { sim, max_generation: 0, host_id: None })));
         }
         Ok(Agent {
             agent_id: cfg.agent_id.clone(),
@@ -139,10 +120,7 @@ impl Agent {
     }
 
     fn host(&self, guid: &str) -> Option<&Mutex<HostState>> {
-        self.by_guid
-            .get(guid)
-            .and_then(|&i| self.hosts.get(i))
-            .map(|(_, h)| h)
+        self.by_guid.get(guid).and_then(|&i| self.hosts.get(i)).map(|(_, h)| h)
     }
 
     /// Newest generation seen for a host (`None` for a host this agent does not serve).
@@ -175,10 +153,7 @@ impl Agent {
 
     /// Registration reports of every host, with the VMs each runs now.
     pub fn host_reports(&self, ip: &str) -> Vec<HostReport> {
-        self.hosts
-            .iter()
-            .map(|(_, h)| lock(h).sim.report(ip))
-            .collect()
+        self.hosts.iter().map(|(_, h)| lock(h).sim.report(ip)).collect()
     }
 
     /// Ping reports of every host.
@@ -190,14 +165,7 @@ impl Agent {
     /// The ledger line is written before this returns.
     ///
     /// Blocking (host mutex, ledger file): call from a blocking-capable thread in async code.
-    pub fn handle(
-        &self,
-        host_guid: &str,
-        generation: u64,
-        job_id: &str,
-        step: u32,
-        cmd: &Command,
-    ) -> CommandResult {
+    pub fn handle(&self, host_guid: &str, generation: u64, job_id: &str, step: u32, cmd: &Command) -> CommandResult {
         let mut entry = LedgerEntry {
             ts_ms: 0,
             agent: self.agent_id.clone(),
@@ -231,9 +199,7 @@ impl Agent {
                 vm = %cmd.vm_id(),
                 "refused command with stale generation"
             );
-            let result = CommandResult::StaleGeneration {
-                current: host.max_generation,
-            };
+            let result = CommandResult::StaleGeneration { current: host.max_generation };
             self.record(&mut entry, LedgerKind::Stale, &result);
             return result;
         }
@@ -298,34 +264,18 @@ mod tests {
     }
 
     fn start(vm: &str) -> Command {
-        Command::StartVm {
-            vm_id: vm.into(),
-            name: vm.into(),
-            cpu: 1,
-            mem_mb: 512,
-        }
+        Command::StartVm { vm_id: vm.into(), name: vm.into(), cpu: 1, mem_mb: 512 }
     }
 
     fn stop(vm: &str) -> Command {
-        Command::StopVm {
-            vm_id: vm.into(),
-            force: false,
-        }
+        Command::StopVm { vm_id: vm.into(), force: false }
     }
 
-    const RUNNING: CommandResult = CommandResult::Ok {
-        state: PowerState::Running,
-    };
-    const STOPPED: CommandResult = CommandResult::Ok {
-        state: PowerState::Stopped,
-    };
+    const RUNNING: CommandResult = CommandResult::Ok { state: PowerState::Running };
+    const STOPPED: CommandResult = CommandResult::Ok { state: PowerState::Stopped };
 
     fn grant(guid: &str, generation: u64) -> HostGrant {
-        HostGrant {
-            guid: guid.into(),
-            host_id: format!("id-{guid}"),
-            generation,
-        }
+        HostGrant { guid: guid.into(), host_id: format!("id-{guid}"), generation }
     }
 
     #[test]
@@ -352,20 +302,14 @@ mod tests {
         assert_eq!(a.max_generation("other"), None);
 
         // Older than the grant: refused and not executed.
-        assert_eq!(
-            a.handle("ag-h0", 4, "j1", 1, &start("v1")),
-            CommandResult::StaleGeneration { current: 5 }
-        );
+        assert_eq!(a.handle("ag-h0", 4, "j1", 1, &start("v1")), CommandResult::StaleGeneration { current: 5 });
         assert!(a.pings()[0].vms.is_empty());
         // Equal: executed.
         assert_eq!(a.handle("ag-h0", 5, "j2", 1, &start("v1")), RUNNING);
         // Newer: executed and raises the bar; the previous generation is now stale.
         assert_eq!(a.handle("ag-h0", 7, "j3", 1, &start("v2")), RUNNING);
         assert_eq!(a.max_generation("ag-h0"), Some(7));
-        assert_eq!(
-            a.handle("ag-h0", 5, "j4", 1, &stop("v1")),
-            CommandResult::StaleGeneration { current: 7 }
-        );
+        assert_eq!(a.handle("ag-h0", 5, "j4", 1, &stop("v1")), CommandResult::StaleGeneration { current: 7 });
         assert_eq!(a.pings()[0].vms.len(), 2);
         // Generations are per host.
         assert_eq!(a.handle("ag-h1", 2, "j5", 1, &start("v3")), RUNNING);
@@ -373,10 +317,7 @@ mod tests {
         a.apply_grants(&[grant("ag-h0", 6)]);
         assert_eq!(a.max_generation("ag-h0"), Some(7));
         // Unknown host.
-        assert_eq!(
-            a.handle("nope", 100, "j6", 1, &start("v4")),
-            CommandResult::UnknownHost
-        );
+        assert_eq!(a.handle("nope", 100, "j6", 1, &start("v4")), CommandResult::UnknownHost);
     }
 
     #[test]
@@ -395,30 +336,16 @@ mod tests {
         assert_eq!(a.pings()[0].vms.len(), 1);
         // A stale replay is refused, not replayed.
         a.apply_grants(&[grant("ag-h0", 2)]);
-        assert_eq!(
-            a.handle("ag-h0", 1, "job-a", 2, &start("v1")),
-            CommandResult::StaleGeneration { current: 2 }
-        );
+        assert_eq!(a.handle("ag-h0", 1, "job-a", 2, &start("v1")), CommandResult::StaleGeneration { current: 2 });
         // Failures are remembered too.
-        let big = Command::StartVm {
-            vm_id: "big".into(),
-            name: "big".into(),
-            cpu: 64,
-            mem_mb: 1,
-        };
+        let big = Command::StartVm { vm_id: "big".into(), name: "big".into(), cpu: 64, mem_mb: 1 };
         let r1 = a.handle("ag-h0", 2, "job-c", 1, &big);
         assert!(matches!(r1, CommandResult::Failed { .. }));
         assert_eq!(a.handle("ag-h0", 2, "job-c", 1, &big), r1);
-        assert_eq!(
-            a.handle("zz", 2, "job-d", 1, &big),
-            CommandResult::UnknownHost
-        );
+        assert_eq!(a.handle("zz", 2, "job-d", 1, &big), CommandResult::UnknownHost);
 
-        let kinds: Vec<(String, u32, LedgerKind, String)> = ledger_read(&path)
-            .unwrap()
-            .into_iter()
-            .map(|e| (e.job, e.step, e.kind, e.outcome))
-            .collect();
+        let kinds: Vec<(String, u32, LedgerKind, String)> =
+            ledger_read(&path).unwrap().into_iter().map(|e| (e.job, e.step, e.kind, e.outcome)).collect();
         let want = [
             ("job-a", 1, LedgerKind::Exec, "ok"),
             ("job-b", 1, LedgerKind::Exec, "ok"),

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use skyhold_proto::{
-    AgentMsg, CommandResult, MAX_LINE, MsMsg, PROTO_VERSION, ProtoError, read_msg, write_msg,
-};
+use skyhold_proto::{AgentMsg, CommandResult, MAX_LINE, MsMsg, PROTO_VERSION, ProtoError, read_msg, write_msg};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -35,10 +33,7 @@ const OUTBOX: usize = 1024;
 ///
 /// Returns an error only for a bad configuration (no address, no host, unopenable ledger, ...);
 /// connection problems are logged and retried forever.
-pub async fn run(
-    cfg: AgentConfig,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), AgentError> {
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
     let mut book = AddrBook::new(&cfg.mgmt_addrs)?;
     let agent = Arc::new(Agent::new(&cfg)?);
     check_hello_fits(&agent, &cfg)?;
@@ -83,9 +78,7 @@ pub async fn run(
 
 /// Refuse configurations whose Hello alone would exceed the protocol's line limit.
 fn check_hello_fits(agent: &Agent, cfg: &AgentConfig) -> Result<(), AgentError> {
-    let len = serde_json::to_vec(&hello(agent, cfg, "255.255.255.255"))
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
+    let len = serde_json::to_vec(&hello(agent, cfg, "255.255.255.255")).map(|v| v.len()).unwrap_or(usize::MAX);
     if len > MAX_LINE {
         return Err(AgentError::Config(format!(
             "{} hosts do not fit in one Hello message ({len} > {MAX_LINE} bytes); run several agents",
@@ -125,18 +118,13 @@ async fn session(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return SessionEnd::ConnectFailed(e.to_string()),
         Err(_) => {
-            return SessionEnd::ConnectFailed(format!(
-                "timed out after {} ms",
-                CONNECT_TIMEOUT.as_millis()
-            ));
+            return SessionEnd::ConnectFailed(format!("timed out after {} ms", CONNECT_TIMEOUT.as_millis()));
         }
     };
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    let ip = stream
-        .local_addr()
-        .map_or_else(|_| "127.0.0.1".to_owned(), |a| a.ip().to_string());
+    let ip = stream.local_addr().map_or_else(|_| "127.0.0.1".to_owned(), |a| a.ip().to_string());
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut buf = Vec::new();
@@ -149,25 +137,14 @@ async fn session(
         Ok(Ok(m)) => m,
         Ok(Err(e)) => return SessionEnd::Lost(format!("during registration: {e}")),
         Err(_) => {
-            return SessionEnd::Lost(format!(
-                "no answer to Hello within {} ms",
-                HANDSHAKE_TIMEOUT.as_millis()
-            ));
+            return SessionEnd::Lost(format!("no answer to Hello within {} ms", HANDSHAKE_TIMEOUT.as_millis()));
         }
     };
     let (ms_id, grants, ping_ms, mgmt_addrs) = match first {
-        MsMsg::Welcome {
-            ms_id,
-            hosts,
-            ping_interval_ms,
-            mgmt_addrs,
-        } => (ms_id, hosts, ping_interval_ms, mgmt_addrs),
+        MsMsg::Welcome { ms_id, hosts, ping_interval_ms, mgmt_addrs } => (ms_id, hosts, ping_interval_ms, mgmt_addrs),
         MsMsg::Refused { reason } => return SessionEnd::Refused(reason),
         other => {
-            return SessionEnd::Lost(format!(
-                "expected Welcome or Refused, got {}",
-                msg_kind(&other)
-            ));
+            return SessionEnd::Lost(format!("expected Welcome or Refused, got {}", msg_kind(&other)));
         }
     };
     backoff.reset();
@@ -223,36 +200,21 @@ async fn session(
 }
 
 /// Handle one message from the MS after registration. `Some` ends the session.
-fn on_message(
-    agent: &Arc<Agent>,
-    book: &mut AddrBook,
-    tx: &mpsc::Sender<AgentMsg>,
-    msg: MsMsg,
-) -> Option<SessionEnd> {
+fn on_message(agent: &Arc<Agent>, book: &mut AddrBook, tx: &mpsc::Sender<AgentMsg>, msg: MsMsg) -> Option<SessionEnd> {
     match msg {
-        MsMsg::Command {
-            req,
-            host_guid,
-            generation,
-            job_id,
-            step,
-            cmd,
-        } => {
+        MsMsg::Command { req, host_guid, generation, job_id, step, cmd } => {
             let agent = Arc::clone(agent);
             let tx = tx.clone();
             // Detached on purpose: a command that started runs to completion (and reaches the ledger
             // and the replay cache) even if the connection drops meanwhile.
             tokio::spawn(async move {
-                let exec = tokio::task::spawn_blocking(move || {
-                    agent.handle(&host_guid, generation, &job_id, step, &cmd)
-                });
+                let exec =
+                    tokio::task::spawn_blocking(move || agent.handle(&host_guid, generation, &job_id, step, &cmd));
                 let result = match exec.await {
                     Ok(result) => result,
                     Err(e) => {
                         tracing::error!(req, error = %e, "command execution task failed");
-                        CommandResult::Failed {
-                            message: format!("agent internal error: {e}"),
-                        }
+                        CommandResult::Failed { message: format!("agent internal error: {e}") }
                     }
                 };
                 if tx.send(AgentMsg::Answer { req, result }).await.is_err() {
@@ -306,9 +268,7 @@ async fn pinger(agent: Arc<Agent>, tx: mpsc::Sender<AgentMsg>, interval: Duratio
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let ping = AgentMsg::Ping {
-            hosts: agent.pings(),
-        };
+        let ping = AgentMsg::Ping { hosts: agent.pings() };
         if tx.send(ping).await.is_err() {
             return "outgoing queue closed".to_owned();
         }
@@ -326,14 +286,9 @@ impl AddrBook {
     fn new(configured: &[String]) -> Result<AddrBook, AgentError> {
         let configured = dedup(configured.iter());
         if configured.is_empty() {
-            return Err(AgentError::Config(
-                "no management server address configured".into(),
-            ));
+            return Err(AgentError::Config("no management server address configured".into()));
         }
-        Ok(AddrBook {
-            list: configured.clone(),
-            configured,
-        })
+        Ok(AddrBook { list: configured.clone(), configured })
     }
 
     /// The list becomes `received` followed by the configured addresses it lacks.
@@ -348,11 +303,7 @@ impl AddrBook {
 
     /// The address to try after `addr` (the first one if `addr` is no longer listed).
     fn next_after(&self, addr: &str) -> String {
-        let i = self
-            .list
-            .iter()
-            .position(|a| a == addr)
-            .map_or(0, |i| (i + 1) % self.list.len());
+        let i = self.list.iter().position(|a| a == addr).map_or(0, |i| (i + 1) % self.list.len());
         self.list[i].clone()
     }
 }
@@ -376,9 +327,7 @@ struct Backoff {
 
 impl Backoff {
     fn new() -> Backoff {
-        Backoff {
-            next: BACKOFF_START,
-        }
+        Backoff { next: BACKOFF_START }
     }
 
     fn reset(&mut self) {

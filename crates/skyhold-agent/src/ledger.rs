@@ -61,16 +61,11 @@ impl LedgerEntry {
             CommandResult::StaleGeneration { current } => (
                 "stale_generation",
                 None,
-                Some(format!(
-                    "generation {} is older than current generation {current}",
-                    self.generation
-                )),
+                Some(format!("generation {} is older than current generation {current}", self.generation)),
             ),
-            CommandResult::UnknownHost => (
-                "unknown_host",
-                None,
-                Some(format!("host {} is not served by this agent", self.host)),
-            ),
+            CommandResult::UnknownHost => {
+                ("unknown_host", None, Some(format!("host {} is not served by this agent", self.host)))
+            }
         };
         self.outcome = outcome.to_owned();
         self.state = state;
@@ -79,9 +74,7 @@ impl LedgerEntry {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The single writer of a ledger file.
@@ -98,14 +91,8 @@ impl Ledger {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| AgentError::LedgerIo {
-                path: path.to_owned(),
-                source,
-            })?;
-        Ok(Ledger {
-            path: path.to_owned(),
-            file: Mutex::new(file),
-        })
+            .map_err(|source| AgentError::LedgerIo { path: path.to_owned(), source })?;
+        Ok(Ledger { path: path.to_owned(), file: Mutex::new(file) })
     }
 
     /// Append one line and flush it. Failures are logged, never returned: the agent keeps serving.
@@ -118,10 +105,7 @@ impl Ledger {
             }
         };
         line.push(b'\n');
-        let mut file = self
-            .file
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(e) = file.write_all(&line).and_then(|()| file.flush()) {
             tracing::error!(
                 path = %self.path.display(),
@@ -140,10 +124,8 @@ impl Ledger {
 /// parse; any other malformed line is an error.
 pub fn ledger_read(path: impl AsRef<Path>) -> Result<Vec<LedgerEntry>, AgentError> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|source| AgentError::LedgerIo {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| AgentError::LedgerIo { path: path.to_owned(), source })?;
     let complete = text.ends_with('\n');
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::with_capacity(lines.len());
@@ -157,11 +139,7 @@ pub fn ledger_read(path: impl AsRef<Path>) -> Result<Vec<LedgerEntry>, AgentErro
                 tracing::warn!(path = %path.display(), line = i + 1, "ignoring truncated last ledger line");
             }
             Err(source) => {
-                return Err(AgentError::LedgerParse {
-                    path: path.to_owned(),
-                    line: i + 1,
-                    source,
-                });
+                return Err(AgentError::LedgerParse { path: path.to_owned(), line: i + 1, source });
             }
         }
     }
@@ -187,9 +165,7 @@ mod tests {
             state: None,
             message: None,
         };
-        e.set_result(&CommandResult::Ok {
-            state: PowerState::Running,
-        });
+        e.set_result(&CommandResult::Ok { state: PowerState::Running });
         e
     }
 
@@ -228,17 +204,9 @@ mod tests {
         e.generation = 2;
         e.set_result(&CommandResult::StaleGeneration { current: 5 });
         assert_eq!(e.outcome, "stale_generation");
-        assert_eq!(
-            e.message.as_deref(),
-            Some("generation 2 is older than current generation 5")
-        );
-        e.set_result(&CommandResult::Failed {
-            message: "boom".into(),
-        });
-        assert_eq!(
-            (e.outcome.as_str(), e.message.as_deref()),
-            ("failed", Some("boom"))
-        );
+        assert_eq!(e.message.as_deref(), Some("generation 2 is older than current generation 5"));
+        e.set_result(&CommandResult::Failed { message: "boom".into() });
+        assert_eq!((e.outcome.as_str(), e.message.as_deref()), ("failed", Some("boom")));
         assert_eq!(e.state, None);
     }
 }

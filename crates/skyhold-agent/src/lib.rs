@@ -93,35 +93,22 @@ const FAIL_OPS: [&str; 5] = ["start", "stop", "reboot", "destroy", "*"];
 impl FailRule {
     /// Parse the `op=substring` form, e.g. `start=db-` or `*=flaky`.
     pub fn parse(s: &str) -> Result<FailRule, AgentError> {
-        let bad = |reason: String| AgentError::InvalidFailRule {
-            rule: s.to_owned(),
-            reason,
-        };
+        let bad = |reason: String| AgentError::InvalidFailRule { rule: s.to_owned(), reason };
         let Some((op, substr)) = s.split_once('=') else {
             return Err(bad(
-                "expected OP=SUBSTRING, e.g. start=db- (OP is start, stop, reboot, destroy or *)"
-                    .to_owned(),
+                "expected OP=SUBSTRING, e.g. start=db- (OP is start, stop, reboot, destroy or *)".to_owned()
             ));
         };
         let op = op.trim().to_ascii_lowercase();
         if !FAIL_OPS.contains(&op.as_str()) {
-            return Err(bad(format!(
-                "unknown operation {op:?}; expected one of start, stop, reboot, destroy, *"
-            )));
+            return Err(bad(format!("unknown operation {op:?}; expected one of start, stop, reboot, destroy, *")));
         }
-        Ok(FailRule {
-            op,
-            vm_name_contains: substr.to_owned(),
-        })
+        Ok(FailRule { op, vm_name_contains: substr.to_owned() })
     }
 
     /// Whether this rule fails command `op` (a [`skyhold_proto::Command::name`]) on VM `vm_name`.
     pub fn matches(&self, op: &str, vm_name: &str) -> bool {
-        let op_matches = if self.op == "*" {
-            op != "check"
-        } else {
-            self.op == op
-        };
+        let op_matches = if self.op == "*" { op != "check" } else { self.op == op };
         op_matches && vm_name.contains(&self.vm_name_contains)
     }
 }
@@ -141,16 +128,9 @@ pub enum AgentError {
     #[error("invalid agent configuration: {0}")]
     Config(String),
     #[error("ledger {}: {source}", path.display())]
-    LedgerIo {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    LedgerIo { path: PathBuf, source: std::io::Error },
     #[error("ledger {} line {line}: {source}", path.display())]
-    LedgerParse {
-        path: PathBuf,
-        line: usize,
-        source: serde_json::Error,
-    },
+    LedgerParse { path: PathBuf, line: usize, source: serde_json::Error },
 }
 
 #[cfg(test)]
@@ -176,10 +156,7 @@ mod tests {
         assert!(matches!(e, AgentError::InvalidFailRule { .. }));
         assert!(e.to_string().contains("expected OP=SUBSTRING"), "{e}");
         let e = FailRule::parse("migrate=web").unwrap_err();
-        assert!(
-            e.to_string().contains("unknown operation \"migrate\""),
-            "{e}"
-        );
+        assert!(e.to_string().contains("unknown operation \"migrate\""), "{e}");
         let e = FailRule::parse("check=web").unwrap_err();
         assert!(e.to_string().contains("unknown operation"), "{e}");
         assert!(FailRule::parse("").is_err());

@@ -74,25 +74,16 @@ impl Simulator {
 
     /// (cores, MiB) used by running VMs.
     pub fn used(&self) -> (u64, u64) {
-        self.running().fold((0, 0), |(c, m), (_, vm)| {
-            (c + u64::from(vm.cpu), m + vm.mem_mb)
-        })
+        self.running().fold((0, 0), |(c, m), (_, vm)| (c + u64::from(vm.cpu), m + vm.mem_mb))
     }
 
     fn running(&self) -> impl Iterator<Item = (&String, &SimVm)> {
-        self.vms
-            .iter()
-            .filter(|(_, vm)| vm.state == PowerState::Running)
+        self.vms.iter().filter(|(_, vm)| vm.state == PowerState::Running)
     }
 
     /// The VMs this host is running right now.
     pub fn vms(&self) -> Vec<VmReport> {
-        self.running()
-            .map(|(id, _)| VmReport {
-                vm_id: id.clone(),
-                state: PowerState::Running,
-            })
-            .collect()
+        self.running().map(|(id, _)| VmReport { vm_id: id.clone(), state: PowerState::Running }).collect()
     }
 
     /// This host's registration report (with the VMs it runs now).
@@ -111,10 +102,7 @@ impl Simulator {
 
     /// This host's part of a ping.
     pub fn ping(&self) -> HostPing {
-        HostPing {
-            guid: self.guid.clone(),
-            vms: self.vms(),
-        }
+        HostPing { guid: self.guid.clone(), vms: self.vms() }
     }
 
     /// Execute one command. Never panics; every refusal is a [`CommandResult::Failed`].
@@ -129,12 +117,7 @@ impl Simulator {
             return failed(format!("simulated failure injected for {op} of {vm_name}"));
         }
         match cmd {
-            Command::StartVm {
-                vm_id,
-                name,
-                cpu,
-                mem_mb,
-            } => self.start(vm_id, name, *cpu, *mem_mb),
+            Command::StartVm { vm_id, name, cpu, mem_mb } => self.start(vm_id, name, *cpu, *mem_mb),
             Command::StopVm { vm_id, force: _ } => {
                 if let Some(vm) = self.vms.get_mut(vm_id) {
                     vm.state = PowerState::Stopped;
@@ -167,15 +150,7 @@ impl Simulator {
                 self.name, self.cpu_cores, self.mem_mb
             ));
         }
-        self.vms.insert(
-            vm_id.to_owned(),
-            SimVm {
-                name: name.to_owned(),
-                cpu,
-                mem_mb,
-                state: PowerState::Running,
-            },
-        );
+        self.vms.insert(vm_id.to_owned(), SimVm { name: name.to_owned(), cpu, mem_mb, state: PowerState::Running });
         ok(PowerState::Running)
     }
 }
@@ -197,20 +172,11 @@ mod tests {
     }
 
     fn start(id: &str, name: &str, cpu: u32, mem_mb: u64) -> Command {
-        Command::StartVm {
-            vm_id: id.into(),
-            name: name.into(),
-            cpu,
-            mem_mb,
-        }
+        Command::StartVm { vm_id: id.into(), name: name.into(), cpu, mem_mb }
     }
 
-    const RUNNING: CommandResult = CommandResult::Ok {
-        state: PowerState::Running,
-    };
-    const STOPPED: CommandResult = CommandResult::Ok {
-        state: PowerState::Stopped,
-    };
+    const RUNNING: CommandResult = CommandResult::Ok { state: PowerState::Running };
+    const STOPPED: CommandResult = CommandResult::Ok { state: PowerState::Stopped };
 
     fn failed_msg(r: CommandResult) -> String {
         match r {
@@ -227,20 +193,14 @@ mod tests {
         assert_eq!(h.execute(&start("v1", "a", 3, 1024)), RUNNING);
         assert_eq!(h.used(), (3, 1024));
         let msg = failed_msg(h.execute(&start("v2", "b", 2, 512)));
-        assert!(
-            msg.starts_with("insufficient capacity on host sim-host-0: "),
-            "{msg}"
-        );
+        assert!(msg.starts_with("insufficient capacity on host sim-host-0: "), "{msg}");
         assert_eq!(h.vm_state("v2"), None);
         assert_eq!(h.execute(&start("v2", "b", 1, 512)), RUNNING);
         // Exactly full on CPU; memory now limits too.
         let msg = failed_msg(h.execute(&start("v3", "c", 0, 4096)));
         assert!(msg.contains("insufficient capacity"), "{msg}");
         // Stopping frees capacity.
-        let stop = Command::StopVm {
-            vm_id: "v1".into(),
-            force: false,
-        };
+        let stop = Command::StopVm { vm_id: "v1".into(), force: false };
         assert_eq!(h.execute(&stop), STOPPED);
         assert_eq!(h.used(), (1, 512));
         assert_eq!(h.execute(&start("v3", "c", 3, 3584)), RUNNING);
@@ -250,16 +210,10 @@ mod tests {
     #[test]
     fn stop_is_idempotent() {
         let mut h = host();
-        let stop = Command::StopVm {
-            vm_id: "ghost".into(),
-            force: true,
-        };
+        let stop = Command::StopVm { vm_id: "ghost".into(), force: true };
         assert_eq!(h.execute(&stop), STOPPED);
         h.execute(&start("v1", "a", 1, 1));
-        let stop = Command::StopVm {
-            vm_id: "v1".into(),
-            force: false,
-        };
+        let stop = Command::StopVm { vm_id: "v1".into(), force: false };
         assert_eq!(h.execute(&stop), STOPPED);
         assert_eq!(h.execute(&stop), STOPPED);
         assert_eq!(h.vm_state("v1"), Some(PowerState::Stopped));
@@ -270,20 +224,11 @@ mod tests {
     fn reboot_requires_running() {
         let mut h = host();
         let reboot = Command::RebootVm { vm_id: "v1".into() };
-        assert_eq!(
-            failed_msg(h.execute(&reboot)),
-            "vm v1 is not running on host sim-host-0"
-        );
+        assert_eq!(failed_msg(h.execute(&reboot)), "vm v1 is not running on host sim-host-0");
         h.execute(&start("v1", "a", 1, 1));
         assert_eq!(h.execute(&reboot), RUNNING);
-        h.execute(&Command::StopVm {
-            vm_id: "v1".into(),
-            force: false,
-        });
-        assert_eq!(
-            failed_msg(h.execute(&reboot)),
-            "vm v1 is not running on host sim-host-0"
-        );
+        h.execute(&Command::StopVm { vm_id: "v1".into(), force: false });
+        assert_eq!(failed_msg(h.execute(&reboot)), "vm v1 is not running on host sim-host-0");
     }
 
     #[test]
@@ -303,50 +248,25 @@ mod tests {
 
     #[test]
     fn fail_rules_inject_without_changing_state() {
-        let rules = vec![
-            FailRule::parse("start=db").unwrap(),
-            FailRule::parse("stop=web").unwrap(),
-        ];
+        let rules = vec![FailRule::parse("start=db").unwrap(), FailRule::parse("stop=web").unwrap()];
         let mut h = host().with_fail_rules(rules);
-        assert_eq!(
-            failed_msg(h.execute(&start("v1", "db-1", 1, 1))),
-            "simulated failure injected for start of db-1"
-        );
+        assert_eq!(failed_msg(h.execute(&start("v1", "db-1", 1, 1))), "simulated failure injected for start of db-1");
         assert_eq!(h.vm_state("v1"), None);
         assert_eq!(h.execute(&start("v2", "web-1", 1, 1)), RUNNING);
         // For stop the stored name is used, not the id.
-        let stop = Command::StopVm {
-            vm_id: "v2".into(),
-            force: true,
-        };
-        assert_eq!(
-            failed_msg(h.execute(&stop)),
-            "simulated failure injected for stop of web-1"
-        );
+        let stop = Command::StopVm { vm_id: "v2".into(), force: true };
+        assert_eq!(failed_msg(h.execute(&stop)), "simulated failure injected for stop of web-1");
         assert_eq!(h.vm_state("v2"), Some(PowerState::Running));
         // Other ops on the same VM are unaffected.
-        assert_eq!(
-            h.execute(&Command::RebootVm { vm_id: "v2".into() }),
-            RUNNING
-        );
+        assert_eq!(h.execute(&Command::RebootVm { vm_id: "v2".into() }), RUNNING);
 
         let mut h = host().with_fail_rules(vec![FailRule::parse("*=web").unwrap()]);
         assert_eq!(h.execute(&start("v3", "app", 1, 1)), RUNNING);
         assert!(failed_msg(h.execute(&start("v4", "web", 1, 1))).contains("start of web"));
         // Unknown VM: the id stands in for the name.
-        assert!(
-            failed_msg(h.execute(&Command::DestroyVm {
-                vm_id: "web-x".into()
-            }))
-            .contains("destroy of web-x")
-        );
+        assert!(failed_msg(h.execute(&Command::DestroyVm { vm_id: "web-x".into() })).contains("destroy of web-x"));
         // check is never failed by a rule.
-        assert_eq!(
-            h.execute(&Command::CheckVm {
-                vm_id: "web-x".into()
-            }),
-            STOPPED
-        );
+        assert_eq!(h.execute(&Command::CheckVm { vm_id: "web-x".into() }), STOPPED);
     }
 
     #[test]
@@ -354,20 +274,11 @@ mod tests {
         let mut h = host();
         h.execute(&start("v1", "a", 1, 1));
         h.execute(&start("v2", "b", 1, 1));
-        h.execute(&Command::StopVm {
-            vm_id: "v2".into(),
-            force: false,
-        });
+        h.execute(&Command::StopVm { vm_id: "v2".into(), force: false });
         let r = h.report("10.0.0.1");
         assert_eq!(r.hypervisor, "Simulator");
         assert_eq!(r.cpu_cores, 4);
-        assert_eq!(
-            r.vms,
-            vec![VmReport {
-                vm_id: "v1".into(),
-                state: PowerState::Running
-            }]
-        );
+        assert_eq!(r.vms, vec![VmReport { vm_id: "v1".into(), state: PowerState::Running }]);
         assert_eq!(h.ping().vms, r.vms);
         assert_eq!(h.ping().guid, "g-h0");
     }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use skyhold_agent::{AgentConfig, LedgerKind, ledger_read, run};
 use skyhold_proto::{
-    AgentMsg, Command, CommandResult, HostGrant, HostPing, HostReport, MsMsg, PROTO_VERSION,
-    PowerState, ProtoError, VmReport, read_msg, write_msg,
+    AgentMsg, Command, CommandResult, HostGrant, HostPing, HostReport, MsMsg, PROTO_VERSION, PowerState, ProtoError,
+    VmReport, read_msg, write_msg,
 };
 use tokio::io::BufReader;
 use tokio::net::TcpListener;
@@ -65,13 +65,7 @@ impl MsConn {
     async fn accept(l: &TcpListener) -> MsConn {
         let (sock, _) = timeout(WAIT, l.accept()).await.unwrap().unwrap();
         let (rd, wr) = sock.into_split();
-        MsConn {
-            rd: BufReader::new(rd),
-            wr,
-            buf: Vec::new(),
-            pings: Vec::new(),
-            pong: true,
-        }
+        MsConn { rd: BufReader::new(rd), wr, buf: Vec::new(), pings: Vec::new(), pong: true }
     }
 
     async fn send(&mut self, m: &MsMsg) {
@@ -79,9 +73,7 @@ impl MsConn {
     }
 
     async fn recv(&mut self) -> Result<AgentMsg, ProtoError> {
-        timeout(WAIT, read_msg(&mut self.rd, &mut self.buf))
-            .await
-            .expect("timed out waiting for the agent")
+        timeout(WAIT, read_msg(&mut self.rd, &mut self.buf)).await.expect("timed out waiting for the agent")
     }
 
     /// Next non-ping message; pings are recorded (and answered with Pong if `self.pong`).
@@ -103,13 +95,7 @@ impl MsConn {
 
     async fn hello(&mut self) -> Vec<HostReport> {
         match self.recv().await.unwrap() {
-            AgentMsg::Hello {
-                proto,
-                token,
-                agent_id,
-                version,
-                hosts,
-            } => {
+            AgentMsg::Hello { proto, token, agent_id, version, hosts } => {
                 assert_eq!(proto, PROTO_VERSION);
                 assert_eq!(token, "join-token");
                 assert_eq!(agent_id, "ag1");
@@ -123,37 +109,14 @@ impl MsConn {
     async fn welcome(&mut self, generation: u64, ping_interval_ms: u64, mgmt_addrs: Vec<String>) {
         let hosts = ["ag1-h0", "ag1-h1"]
             .iter()
-            .map(|g| HostGrant {
-                guid: (*g).into(),
-                host_id: format!("id-{g}"),
-                generation,
-            })
+            .map(|g| HostGrant { guid: (*g).into(), host_id: format!("id-{g}"), generation })
             .collect();
-        self.send(&MsMsg::Welcome {
-            ms_id: "ms-test".into(),
-            hosts,
-            ping_interval_ms,
-            mgmt_addrs,
-        })
-        .await;
+        self.send(&MsMsg::Welcome { ms_id: "ms-test".into(), hosts, ping_interval_ms, mgmt_addrs }).await;
     }
 
-    async fn command(
-        &mut self,
-        req: u64,
-        generation: u64,
-        job: &str,
-        cmd: Command,
-    ) -> CommandResult {
-        self.send(&MsMsg::Command {
-            req,
-            host_guid: "ag1-h0".into(),
-            generation,
-            job_id: job.into(),
-            step: 1,
-            cmd,
-        })
-        .await;
+    async fn command(&mut self, req: u64, generation: u64, job: &str, cmd: Command) -> CommandResult {
+        self.send(&MsMsg::Command { req, host_guid: "ag1-h0".into(), generation, job_id: job.into(), step: 1, cmd })
+            .await;
         match self.recv_skip_pings().await {
             AgentMsg::Answer { req: r, result } => {
                 assert_eq!(r, req);
@@ -176,23 +139,13 @@ impl MsConn {
 }
 
 fn start_web1() -> Command {
-    Command::StartVm {
-        vm_id: "vm-1".into(),
-        name: "web-1".into(),
-        cpu: 2,
-        mem_mb: 1024,
-    }
+    Command::StartVm { vm_id: "vm-1".into(), name: "web-1".into(), cpu: 2, mem_mb: 1024 }
 }
 
-const RUNNING: CommandResult = CommandResult::Ok {
-    state: PowerState::Running,
-};
+const RUNNING: CommandResult = CommandResult::Ok { state: PowerState::Running };
 
 fn vm1_running() -> Vec<VmReport> {
-    vec![VmReport {
-        vm_id: "vm-1".into(),
-        state: PowerState::Running,
-    }]
+    vec![VmReport { vm_id: "vm-1".into(), state: PowerState::Running }]
 }
 
 #[tokio::test]
@@ -207,11 +160,7 @@ async fn register_command_replay_fence_ping_reconnect() {
     let hosts = ms.hello().await;
     let guids: Vec<&str> = hosts.iter().map(|h| h.guid.as_str()).collect();
     assert_eq!(guids, ["ag1-h0", "ag1-h1"]);
-    assert!(
-        hosts
-            .iter()
-            .all(|h| h.vms.is_empty() && h.hypervisor == "Simulator")
-    );
+    assert!(hosts.iter().all(|h| h.vms.is_empty() && h.hypervisor == "Simulator"));
     assert_eq!((hosts[0].cpu_cores, hosts[0].mem_mb), (4, 8192));
     ms.welcome(5, 500, vec![addr.clone()]).await;
 
@@ -219,14 +168,8 @@ async fn register_command_replay_fence_ping_reconnect() {
     assert_eq!(ms.command(1, 5, "job-1", start_web1()).await, RUNNING);
     assert_eq!(ms.command(2, 5, "job-1", start_web1()).await, RUNNING);
     // A deposed MS (older generation) is refused; the VM keeps running.
-    let stop = Command::StopVm {
-        vm_id: "vm-1".into(),
-        force: true,
-    };
-    assert_eq!(
-        ms.command(3, 4, "job-2", stop).await,
-        CommandResult::StaleGeneration { current: 5 }
-    );
+    let stop = Command::StopVm { vm_id: "vm-1".into(), force: true };
+    assert_eq!(ms.command(3, 4, "job-2", stop).await, CommandResult::StaleGeneration { current: 5 });
     // Unknown host.
     ms.send(&MsMsg::Command {
         req: 4,
@@ -234,18 +177,10 @@ async fn register_command_replay_fence_ping_reconnect() {
         generation: 5,
         job_id: "job-3".into(),
         step: 1,
-        cmd: Command::CheckVm {
-            vm_id: "vm-1".into(),
-        },
+        cmd: Command::CheckVm { vm_id: "vm-1".into() },
     })
     .await;
-    assert_eq!(
-        ms.recv_skip_pings().await,
-        AgentMsg::Answer {
-            req: 4,
-            result: CommandResult::UnknownHost
-        }
-    );
+    assert_eq!(ms.recv_skip_pings().await, AgentMsg::Answer { req: 4, result: CommandResult::UnknownHost });
 
     // Pings arrive and report the running VM.
     let ping = ms.next_ping().await;
@@ -267,15 +202,7 @@ async fn register_command_replay_fence_ping_reconnect() {
         ]
     );
     let e = &entries[0];
-    assert_eq!(
-        (
-            e.agent.as_str(),
-            e.host.as_str(),
-            e.vm.as_str(),
-            e.op.as_str()
-        ),
-        ("ag1", "ag1-h0", "vm-1", "start")
-    );
+    assert_eq!((e.agent.as_str(), e.host.as_str(), e.vm.as_str(), e.op.as_str()), ("ag1", "ag1-h0", "vm-1", "start"));
     assert_eq!((e.step, e.generation, e.outcome.as_str()), (1, 5, "ok"));
     assert_eq!(e.state, Some(PowerState::Running));
     assert_eq!(entries[2].outcome, "stale_generation");
@@ -288,14 +215,9 @@ async fn register_command_replay_fence_ping_reconnect() {
     assert!(hosts[1].vms.is_empty());
     // A new owner (generation 6) fences the old generation out.
     ms.welcome(6, 500, vec![addr.clone()]).await;
-    let check = Command::CheckVm {
-        vm_id: "vm-1".into(),
-    };
+    let check = Command::CheckVm { vm_id: "vm-1".into() };
     assert_eq!(ms.command(10, 6, "job-4", check.clone()).await, RUNNING);
-    assert_eq!(
-        ms.command(11, 5, "job-5", check).await,
-        CommandResult::StaleGeneration { current: 6 }
-    );
+    assert_eq!(ms.command(11, 5, "job-5", check).await, CommandResult::StaleGeneration { current: 6 });
 
     agent.shutdown().await;
 }
@@ -308,10 +230,7 @@ async fn refused_registration_is_retried() {
 
     let mut ms = MsConn::accept(&listener).await;
     ms.hello().await;
-    ms.send(&MsMsg::Refused {
-        reason: "bad token".into(),
-    })
-    .await;
+    ms.send(&MsMsg::Refused { reason: "bad token".into() }).await;
     // The agent closes that connection and comes back with a new Hello.
     assert!(matches!(ms.recv().await, Err(ProtoError::Closed)));
     let mut ms = MsConn::accept(&listener).await;
@@ -359,8 +278,7 @@ async fn fails_over_to_address_learned_from_welcome() {
 
     let mut ms = MsConn::accept(&a).await;
     ms.hello().await;
-    ms.welcome(1, 200, vec![a_addr.clone(), b_addr.clone()])
-        .await;
+    ms.welcome(1, 200, vec![a_addr.clone(), b_addr.clone()]).await;
     ms.next_ping().await;
     drop(ms);
     // Next address after A is B (A still listens, but must not be chosen).
@@ -404,10 +322,7 @@ async fn shutdown_while_connecting() {
     agent.shutdown().await;
     // Also while connected and idle.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let agent = spawn_agent(config(
-        vec![listener.local_addr().unwrap().to_string()],
-        None,
-    ));
+    let agent = spawn_agent(config(vec![listener.local_addr().unwrap().to_string()], None));
     let mut ms = MsConn::accept(&listener).await;
     ms.hello().await;
     agent.shutdown().await;
@@ -426,23 +341,14 @@ async fn pipelined_commands_all_answered() {
     ms.hello().await;
     ms.welcome(1, 500, vec![]).await;
     for req in 0..20u64 {
-        let name = if req == 7 {
-            "bad-7".to_owned()
-        } else {
-            format!("vm-{req}")
-        };
+        let name = if req == 7 { "bad-7".to_owned() } else { format!("vm-{req}") };
         ms.send(&MsMsg::Command {
             req,
             host_guid: "ag1-h1".into(),
             generation: 1,
             job_id: format!("job-{req}"),
             step: 1,
-            cmd: Command::StartVm {
-                vm_id: format!("id-{req}"),
-                name,
-                cpu: 0,
-                mem_mb: 64,
-            },
+            cmd: Command::StartVm { vm_id: format!("id-{req}"), name, cpu: 0, mem_mb: 64 },
         })
         .await;
     }
@@ -457,9 +363,7 @@ async fn pipelined_commands_all_answered() {
         if *req == 7 {
             assert_eq!(
                 *result,
-                CommandResult::Failed {
-                    message: "simulated failure injected for start of bad-7".into()
-                }
+                CommandResult::Failed { message: "simulated failure injected for start of bad-7".into() }
             );
         } else {
             assert_eq!(*result, RUNNING, "req {req}");

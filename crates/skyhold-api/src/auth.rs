@@ -8,7 +8,9 @@ use axum::http::HeaderMap;
 use serde_json::{Value, json};
 use skyhold_core::Core;
 use skyhold_core::vm::Caller;
-use skyhold_db::account::{Session, User, session_delete, session_insert, session_touch, user_fetch, user_fetch_by_api_key, user_fetch_by_name};
+use skyhold_db::account::{
+    Session, User, session_delete, session_insert, session_touch, user_fetch, user_fetch_by_api_key, user_fetch_by_name,
+};
 use skyhold_db::crypto::{password_verify, random_token};
 use skyhold_types::{CsError, ErrorCode};
 
@@ -48,7 +50,12 @@ pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Authenticate a request. `allow_cookie_only` lets `logout` through without a `sessionkey`.
-pub async fn authenticate(core: &Core, headers: &HeaderMap, p: &Params, allow_cookie_only: bool) -> Result<(Caller, Option<String>), CsError> {
+pub async fn authenticate(
+    core: &Core,
+    headers: &HeaderMap,
+    p: &Params,
+    allow_cookie_only: bool,
+) -> Result<(Caller, Option<String>), CsError> {
     if let (Some(key), Some(sig)) = (p.get("apikey"), p.get("signature")) {
         let user = {
             let mut c = core.db().conn().await.map_err(internal)?;
@@ -69,10 +76,16 @@ pub async fn authenticate(core: &Core, headers: &HeaderMap, p: &Params, allow_co
         }
         if p.get("signatureversion") == Some("3") {
             let Some(exp) = p.get("expires") else {
-                return Err(CsError::new(ErrorCode::Unauthorized, "signature version 3 requires the expires parameter"));
+                return Err(CsError::new(
+                    ErrorCode::Unauthorized,
+                    "signature version 3 requires the expires parameter",
+                ));
             };
             let Some(exp_ms) = crate::signing::parse_expires(exp) else {
-                return Err(CsError::new(ErrorCode::Unauthorized, format!("expires value {exp} is not a valid date (yyyy-MM-ddTHH:mm:ssZ)")));
+                return Err(CsError::new(
+                    ErrorCode::Unauthorized,
+                    format!("expires value {exp} is not a valid date (yyyy-MM-ddTHH:mm:ssZ)"),
+                ));
             };
             if exp_ms <= chrono::Utc::now().timestamp_millis() {
                 return Err(CsError::new(ErrorCode::Unauthorized, "the request has expired"));
@@ -123,14 +136,18 @@ pub async fn login(core: &Core, p: &Params) -> Result<(Value, String), CsError> 
             format!("/{d}/")
         }
     };
-    let fail = || CsError::new(ErrorCode::AccountError, "Failed to authenticate user; please provide valid credentials");
+    let fail =
+        || CsError::new(ErrorCode::AccountError, "Failed to authenticate user; please provide valid credentials");
     let user = {
         let mut c = core.db().conn().await.map_err(internal)?;
         user_fetch_by_name(&mut c, username, &domain_path).await.map_err(internal)?
     };
     let Some(user) = user else {
         // Same work as a real check, so timing does not tell which usernames exist.
-        let _ = password_verify(password, "pbkdf2-sha256$60000$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+        let _ = password_verify(
+            password,
+            "pbkdf2-sha256$60000$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        );
         return Err(fail());
     };
     let hash = user.password_hash.clone();

@@ -32,36 +32,176 @@ macro_rules! spec {
 
 /// Commands with real behaviour.
 pub const COMMANDS: &[CommandSpec] = &[
-    spec!("login", false, false, "login", "Logs a user into the cloud and starts a session", "username:string!,password:string!,domain:string,domainId:uuid"),
+    spec!(
+        "login",
+        false,
+        false,
+        "login",
+        "Logs a user into the cloud and starts a session",
+        "username:string!,password:string!,domain:string,domainId:uuid"
+    ),
     spec!("logout", false, false, "logout", "Logs out the user", ""),
     spec!("listCapabilities", false, false, "capability", "Lists capabilities", ""),
     spec!("listApis", false, false, "api", "Lists all available APIs", "name:string"),
-    spec!("listZones", false, false, "zone", "Lists zones", "id:uuid,name:string,available:boolean,networktype:string,showcapacities:boolean,keyword:string,page:integer,pagesize:integer"),
-    spec!("listPods", false, true, "pod", "Lists all pods", "id:uuid,name:string,zoneid:uuid,allocationstate:string,keyword:string,page:integer,pagesize:integer"),
-    spec!("listClusters", false, true, "cluster", "Lists clusters", "id:uuid,name:string,zoneid:uuid,podid:uuid,hypervisor:string,allocationstate:string,keyword:string,page:integer,pagesize:integer"),
-    spec!("listHosts", false, true, "host", "Lists hosts", "id:uuid,name:string,zoneid:uuid,podid:uuid,clusterid:uuid,state:string,type:string,resourcestate:string,keyword:string,page:integer,pagesize:integer"),
+    spec!(
+        "listZones",
+        false,
+        false,
+        "zone",
+        "Lists zones",
+        "id:uuid,name:string,available:boolean,networktype:string,showcapacities:boolean,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listPods",
+        false,
+        true,
+        "pod",
+        "Lists all pods",
+        "id:uuid,name:string,zoneid:uuid,allocationstate:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listClusters",
+        false,
+        true,
+        "cluster",
+        "Lists clusters",
+        "id:uuid,name:string,zoneid:uuid,podid:uuid,hypervisor:string,allocationstate:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listHosts",
+        false,
+        true,
+        "host",
+        "Lists hosts",
+        "id:uuid,name:string,zoneid:uuid,podid:uuid,clusterid:uuid,state:string,type:string,resourcestate:string,keyword:string,page:integer,pagesize:integer"
+    ),
     spec!("updateHost", false, true, "host", "Updates a host", "id:uuid!,allocationstate:string,hosttags:string"),
-    spec!("listServiceOfferings", false, false, "serviceoffering", "Lists all available service offerings", "id:uuid,name:string,keyword:string,page:integer,pagesize:integer"),
-    spec!("listTemplates", false, false, "template", "List all public, private, and privileged templates", "templatefilter:string!,id:uuid,name:string,zoneid:uuid,hypervisor:string,keyword:string,page:integer,pagesize:integer"),
-    spec!("deployVirtualMachine", true, false, "virtualmachine", "Creates and automatically starts a virtual machine based on a service offering and template", "zoneid:uuid!,templateid:uuid!,serviceofferingid:uuid!,name:string,displayname:string,hostid:uuid,startvm:boolean,networkids:list,keypair:string,userdata:string,group:string"),
+    spec!(
+        "listServiceOfferings",
+        false,
+        false,
+        "serviceoffering",
+        "Lists all available service offerings",
+        "id:uuid,name:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listTemplates",
+        false,
+        false,
+        "template",
+        "List all public, private, and privileged templates",
+        "templatefilter:string!,id:uuid,name:string,zoneid:uuid,hypervisor:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "deployVirtualMachine",
+        true,
+        false,
+        "virtualmachine",
+        "Creates and automatically starts a virtual machine based on a service offering and template",
+        "zoneid:uuid!,templateid:uuid!,serviceofferingid:uuid!,name:string,displayname:string,hostid:uuid,startvm:boolean,networkids:list,keypair:string,userdata:string,group:string"
+    ),
     spec!("startVirtualMachine", true, false, "virtualmachine", "Starts a virtual machine", "id:uuid!,hostid:uuid"),
     spec!("stopVirtualMachine", true, false, "virtualmachine", "Stops a virtual machine", "id:uuid!,forced:boolean"),
     spec!("rebootVirtualMachine", true, false, "virtualmachine", "Reboots a virtual machine", "id:uuid!"),
-    spec!("destroyVirtualMachine", true, false, "virtualmachine", "Destroys a virtual machine", "id:uuid!,expunge:boolean"),
+    spec!(
+        "destroyVirtualMachine",
+        true,
+        false,
+        "virtualmachine",
+        "Destroys a virtual machine",
+        "id:uuid!,expunge:boolean"
+    ),
     spec!("recoverVirtualMachine", false, false, "virtualmachine", "Recovers a virtual machine", "id:uuid!"),
     spec!("expungeVirtualMachine", true, true, "success", "Expunge a virtual machine", "id:uuid!"),
-    spec!("updateVirtualMachine", false, false, "virtualmachine", "Updates properties of a virtual machine", "id:uuid!,displayname:string,haenable:boolean"),
-    spec!("listVirtualMachines", false, false, "virtualmachine", "List the virtual machines owned by the account", "id:uuid,ids:list,name:string,state:string,zoneid:uuid,hostid:uuid,account:string,domainid:uuid,listall:boolean,details:list,keyword:string,page:integer,pagesize:integer"),
-    spec!("listVolumes", false, false, "volume", "Lists all volumes", "id:uuid,virtualmachineid:uuid,zoneid:uuid,type:string,listall:boolean,keyword:string,page:integer,pagesize:integer"),
-    spec!("queryAsyncJobResult", false, false, "asyncjobs", "Retrieves the current status of asynchronous job", "jobid:uuid!"),
-    spec!("listAsyncJobs", false, false, "asyncjobs", "Lists all pending asynchronous jobs for the account", "listall:boolean,startdate:date,keyword:string,page:integer,pagesize:integer"),
-    spec!("listConfigurations", false, true, "configuration", "Lists all configurations", "name:string,category:string,keyword:string,page:integer,pagesize:integer"),
+    spec!(
+        "updateVirtualMachine",
+        false,
+        false,
+        "virtualmachine",
+        "Updates properties of a virtual machine",
+        "id:uuid!,displayname:string,haenable:boolean"
+    ),
+    spec!(
+        "listVirtualMachines",
+        false,
+        false,
+        "virtualmachine",
+        "List the virtual machines owned by the account",
+        "id:uuid,ids:list,name:string,state:string,zoneid:uuid,hostid:uuid,account:string,domainid:uuid,listall:boolean,details:list,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listVolumes",
+        false,
+        false,
+        "volume",
+        "Lists all volumes",
+        "id:uuid,virtualmachineid:uuid,zoneid:uuid,type:string,listall:boolean,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "queryAsyncJobResult",
+        false,
+        false,
+        "asyncjobs",
+        "Retrieves the current status of asynchronous job",
+        "jobid:uuid!"
+    ),
+    spec!(
+        "listAsyncJobs",
+        false,
+        false,
+        "asyncjobs",
+        "Lists all pending asynchronous jobs for the account",
+        "listall:boolean,startdate:date,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listConfigurations",
+        false,
+        true,
+        "configuration",
+        "Lists all configurations",
+        "name:string,category:string,keyword:string,page:integer,pagesize:integer"
+    ),
     spec!("updateConfiguration", false, true, "configuration", "Updates a configuration", "name:string!,value:string"),
-    spec!("listEvents", false, false, "event", "A command to list events", "id:uuid,type:string,level:string,listall:boolean,keyword:string,page:integer,pagesize:integer"),
-    spec!("listManagementServers", false, true, "managementserver", "Lists management servers", "id:uuid,name:string,keyword:string,page:integer,pagesize:integer"),
-    spec!("listDomains", false, false, "domain", "Lists domains and provides detailed information for listed domains", "id:uuid,name:string,keyword:string,page:integer,pagesize:integer"),
-    spec!("listAccounts", false, false, "account", "Lists accounts and provides detailed account information for listed accounts", "id:uuid,name:string,keyword:string,page:integer,pagesize:integer"),
-    spec!("listUsers", false, false, "user", "Lists user accounts", "id:uuid,username:string,keyword:string,page:integer,pagesize:integer"),
+    spec!(
+        "listEvents",
+        false,
+        false,
+        "event",
+        "A command to list events",
+        "id:uuid,type:string,level:string,listall:boolean,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listManagementServers",
+        false,
+        true,
+        "managementserver",
+        "Lists management servers",
+        "id:uuid,name:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listDomains",
+        false,
+        false,
+        "domain",
+        "Lists domains and provides detailed information for listed domains",
+        "id:uuid,name:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listAccounts",
+        false,
+        false,
+        "account",
+        "Lists accounts and provides detailed account information for listed accounts",
+        "id:uuid,name:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "listUsers",
+        false,
+        false,
+        "user",
+        "Lists user accounts",
+        "id:uuid,username:string,keyword:string,page:integer,pagesize:integer"
+    ),
     spec!("listHypervisors", false, false, "hypervisor", "List hypervisors", "zoneid:uuid"),
     spec!("listRegions", false, false, "region", "Lists Regions", "id:integer,name:string"),
 ];
@@ -187,7 +327,8 @@ pub fn list_apis(admin: bool, only: Option<&str>) -> Vec<Value> {
 mod tests {
     #[test]
     fn catalogue_is_consistent() {
-        let mut names: Vec<&str> = super::COMMANDS.iter().map(|c| c.name).chain(super::EMPTY_LISTS.iter().copied()).collect();
+        let mut names: Vec<&str> =
+            super::COMMANDS.iter().map(|c| c.name).chain(super::EMPTY_LISTS.iter().copied()).collect();
         let n = names.len();
         names.sort_unstable();
         names.dedup();

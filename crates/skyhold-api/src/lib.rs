@@ -18,4 +18,4 @@ pub mod reply;
 pub mod server;
 pub mod signing;
 
-pub use server::{router, ApiState};
+pub use server::{ApiState, router};

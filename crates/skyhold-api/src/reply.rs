@@ -70,7 +70,8 @@ pub fn error(key: &str, err: &CsError) -> Response {
     });
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = with_json(status, body);
-    let desc: String = err.text.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).take(1024).collect();
+    let desc: String =
+        err.text.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).take(1024).collect();
     if let Ok(v) = HeaderValue::from_str(&desc) {
         r.headers_mut().insert("X-Description", v);
     }

@@ -68,7 +68,10 @@ async fn api(State(st): State<ApiState>, req: Request) -> Response {
         let cmd = Params::parse(&[query.as_bytes()]).map(|p| p.cmd_lc).unwrap_or_default();
         return reply::error(
             &reply::error_key(&cmd),
-            &CsError::new(ErrorCode::MethodNotAllowed, format!("method {} is not allowed: use GET or POST", parts.method)),
+            &CsError::new(
+                ErrorCode::MethodNotAllowed,
+                format!("method {} is not allowed: use GET or POST", parts.method),
+            ),
         );
     }
     if query.len() > MAX_QUERY {
@@ -98,7 +101,9 @@ async fn api(State(st): State<ApiState>, req: Request) -> Response {
 async fn read_body(body: Body) -> Result<Vec<u8>, CsError> {
     match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => Ok(b.to_vec()),
-        Err(_) => Err(CsError::new(ErrorCode::MalformedParameter, format!("request body larger than {MAX_BODY} bytes"))),
+        Err(_) => {
+            Err(CsError::new(ErrorCode::MalformedParameter, format!("request body larger than {MAX_BODY} bytes")))
+        }
     }
 }
 
@@ -112,7 +117,10 @@ async fn handle(core: &Core, headers: &axum::http::HeaderMap, p: Params) -> Resp
     {
         return reply::error(
             &key,
-            &CsError::new(ErrorCode::Unsupported, format!("response format {fmt} is not supported: Skyhold answers JSON only (use response=json)")),
+            &CsError::new(
+                ErrorCode::Unsupported,
+                format!("response format {fmt} is not supported: Skyhold answers JSON only (use response=json)"),
+            ),
         );
     }
     let spec = commands::find(&name);
@@ -159,11 +167,7 @@ async fn handle(core: &Core, headers: &axum::http::HeaderMap, p: Params) -> Resp
         );
     }
     let ctx = Ctx { core, caller: &caller, p: &p, name: &name };
-    let res = if spec.is_none() {
-        Ok(Reply::list("item", Vec::new(), 0))
-    } else {
-        handlers::dispatch(&ctx).await
-    };
+    let res = if spec.is_none() { Ok(Reply::list("item", Vec::new(), 0)) } else { handlers::dispatch(&ctx).await };
     match res {
         Ok(r) => reply::ok(&p.cmd_lc, r),
         Err(e) => {

@@ -206,9 +206,7 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
         let mut c = core.db().conn().await?;
         skyhold_db::config::meta_get(&mut c, "agent_token_hash").await?
     };
-    let ok = expected
-        .map(|h| constant_eq(h.as_bytes(), token_hash(&token).as_bytes()))
-        .unwrap_or(false);
+    let ok = expected.map(|h| constant_eq(h.as_bytes(), token_hash(&token).as_bytes())).unwrap_or(false);
     if !ok {
         tracing::warn!(%agent_id, "agent refused: bad join token");
         refuse!("invalid join token".into());
@@ -242,9 +240,8 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
             pod_id: cluster.pod_id.clone(),
             cluster_id: cluster.id.clone(),
         };
-        let (host_id, generation) = skyhold_db::retry_tx!(core.db(), |tx| {
-            host_take_connection(&mut tx, &hc, &ms_id).await
-        })?;
+        let (host_id, generation) =
+            skyhold_db::retry_tx!(core.db(), |tx| host_take_connection(&mut tx, &hc, &ms_id).await)?;
         grants.push(HostGrant { guid: h.guid.clone(), host_id, generation: generation as u64 });
     }
 
@@ -259,10 +256,8 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
 
     let (tx, mut rx) = mpsc::channel::<MsMsg>(1024);
     let conn = Arc::new(AgentConn { tx, pending: Mutex::new(HashMap::new()), agent_id: agent_id.clone() });
-    let by_guid: HashMap<String, (String, i64)> = grants
-        .iter()
-        .map(|g| (g.guid.clone(), (g.host_id.clone(), g.generation as i64)))
-        .collect();
+    let by_guid: HashMap<String, (String, i64)> =
+        grants.iter().map(|g| (g.guid.clone(), (g.host_id.clone(), g.generation as i64))).collect();
     for g in &grants {
         core.agents().insert(
             g.host_id.clone(),

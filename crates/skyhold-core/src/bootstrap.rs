@@ -149,14 +149,7 @@ pub async fn create_account(
         }
         .await
     })?;
-    Ok(Credentials {
-        username: name.into(),
-        password,
-        api_key,
-        secret_key,
-        user_id: user.id,
-        account_id: account.id,
-    })
+    Ok(Credentials { username: name.into(), password, api_key, secret_key, user_id: user.id, account_id: account.id })
 }
 
 /// The ROOT domain's id.

@@ -51,9 +51,8 @@ pub enum NoHost {
 /// Pick a host: the required one, else the preferred one if it fits, else the eligible host with
 /// the most free memory (spreading load), ties broken by id for determinism.
 pub fn choose_host<'h>(hosts: &'h [HostCap], req: &Request<'_>) -> Result<&'h HostCap, NoHost> {
-    let usable = |h: &&HostCap| {
-        h.up && h.enabled && h.zone_id == req.zone_id && !req.exclude.iter().any(|x| x == &h.id)
-    };
+    let usable =
+        |h: &&HostCap| h.up && h.enabled && h.zone_id == req.zone_id && !req.exclude.iter().any(|x| x == &h.id);
     if let Some(rid) = req.required_host {
         let h = hosts.iter().find(|h| h.id == rid).filter(usable).ok_or(NoHost::RequiredHostUnusable)?;
         return if h.fits(req.cpu, req.mem_mb) { Ok(h) } else { Err(NoHost::RequiredHostFull) };

@@ -27,16 +27,12 @@ impl Settings {
 
     pub fn get_i64(&self, name: &str) -> i64 {
         let v = self.get(name);
-        v.trim().parse().unwrap_or_else(|_| {
-            setting_def(name).and_then(|d| d.default.parse().ok()).unwrap_or(0)
-        })
+        v.trim().parse().unwrap_or_else(|_| setting_def(name).and_then(|d| d.default.parse().ok()).unwrap_or(0))
     }
 
     pub fn get_f64(&self, name: &str) -> f64 {
         let v = self.get(name);
-        v.trim().parse().unwrap_or_else(|_| {
-            setting_def(name).and_then(|d| d.default.parse().ok()).unwrap_or(0.0)
-        })
+        v.trim().parse().unwrap_or_else(|_| setting_def(name).and_then(|d| d.default.parse().ok()).unwrap_or(0.0))
     }
 
     pub fn get_bool(&self, name: &str) -> bool {

@@ -96,7 +96,9 @@ impl Core {
         let template = skyhold_db::infra::template_list(&mut c)
             .await?
             .into_iter()
-            .find(|t| t.id == req.template_id && (t.is_public || t.account_id == caller.account_id || caller.is_admin()))
+            .find(|t| {
+                t.id == req.template_id && (t.is_public || t.account_id == caller.account_id || caller.is_admin())
+            })
             .ok_or_else(|| not_found("template", &req.template_id))?;
         if let Some(z) = &template.zone_id
             && z != &zone.id
@@ -235,8 +237,15 @@ impl Core {
                     },
                 )
                 .await?;
-                record(&mut tx, &owner, "VM.CREATE", "INFO", format!("Created VM {name}"), Some(("VirtualMachine", &vm_id)))
-                    .await?;
+                record(
+                    &mut tx,
+                    &owner,
+                    "VM.CREATE",
+                    "INFO",
+                    format!("Created VM {name}"),
+                    Some(("VirtualMachine", &vm_id)),
+                )
+                .await?;
                 Ok::<(), CoreError>(())
             }
             .await
@@ -323,8 +332,15 @@ impl Core {
                 if !moved {
                     return Err(CoreError::cs(ErrorCode::ResourceInUse, "VM changed state concurrently; retry"));
                 }
-                record(&mut tx, &owner, "VM.RECOVER", "INFO", format!("Recovered VM {}", vm.name), Some(("VirtualMachine", &vm.id)))
-                    .await?;
+                record(
+                    &mut tx,
+                    &owner,
+                    "VM.RECOVER",
+                    "INFO",
+                    format!("Recovered VM {}", vm.name),
+                    Some(("VirtualMachine", &vm.id)),
+                )
+                .await?;
                 Ok::<(), CoreError>(())
             }
             .await
@@ -391,7 +407,9 @@ impl Core {
         }
         let out = vms
             .iter()
-            .map(|v| crate::view::vm_json(v, by_vm.get(v.id.as_str()).map(Vec::as_slice).unwrap_or(&[]), caller.is_admin()))
+            .map(|v| {
+                crate::view::vm_json(v, by_vm.get(v.id.as_str()).map(Vec::as_slice).unwrap_or(&[]), caller.is_admin())
+            })
             .collect();
         Ok((out, total))
     }

@@ -51,17 +51,14 @@ pub struct Session {
 
 pub async fn domain_insert(c: &mut dyn Sql, d: &Domain) -> Result<(), DbError> {
     let (conn, dl) = c.parts();
-    sqlx::query(&sql(
-        dl,
-        "INSERT INTO domain (id, name, path, parent_id, created_ms) VALUES (?, ?, ?, ?, {now})",
-    ))
-    .bind(&d.id)
-    .bind(&d.name)
-    .bind(&d.path)
-    .bind(d.parent_id.clone())
-    .execute(conn)
-    .await
-    .ctx("insert domain")?;
+    sqlx::query(&sql(dl, "INSERT INTO domain (id, name, path, parent_id, created_ms) VALUES (?, ?, ?, ?, {now})"))
+        .bind(&d.id)
+        .bind(&d.name)
+        .bind(&d.path)
+        .bind(d.parent_id.clone())
+        .execute(conn)
+        .await
+        .ctx("insert domain")?;
     Ok(())
 }
 
@@ -178,19 +175,10 @@ pub async fn user_fetch(c: &mut dyn Sql, id: &str) -> Result<Option<User>, DbErr
 }
 
 /// Users with this name in the domain with this path (`ROOT` is `/`).
-pub async fn user_fetch_by_name(
-    c: &mut dyn Sql,
-    username: &str,
-    domain_path: &str,
-) -> Result<Option<User>, DbError> {
+pub async fn user_fetch_by_name(c: &mut dyn Sql, username: &str, domain_path: &str) -> Result<Option<User>, DbError> {
     let (conn, _) = c.parts();
     let q = format!("{USER_SELECT} AND u.username = ? AND d.path = ?");
-    let row = sqlx::query(&q)
-        .bind(username)
-        .bind(domain_path)
-        .fetch_optional(conn)
-        .await
-        .ctx("fetch user by name")?;
+    let row = sqlx::query(&q).bind(username).bind(domain_path).fetch_optional(conn).await.ctx("fetch user by name")?;
     row.as_ref().map(user_from_row).transpose()
 }
 

@@ -55,7 +55,10 @@ pub async fn config_set(c: &mut dyn Sql, name: &str, value: &str) -> Result<(), 
 /// same millisecond or from skewed clocks are both seen). Cheap to poll.
 pub async fn config_version(c: &mut dyn Sql) -> Result<i64, DbError> {
     let (conn, _) = c.parts();
-    let r = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS s FROM config_seq").fetch_one(conn).await.ctx("read settings version")?;
+    let r = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS s FROM config_seq")
+        .fetch_one(conn)
+        .await
+        .ctx("read settings version")?;
     get_i64(&r, "s")
 }
 

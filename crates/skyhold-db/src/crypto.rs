@@ -34,15 +34,14 @@ impl Key {
 
     /// Load a key file (64 hex characters).
     pub fn load(path: &Path) -> Result<Key, DbError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| DbError::Io { path: path.display().to_string(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| DbError::Io { path: path.display().to_string(), source })?;
         Key::from_hex(text.trim()).map_err(|e| DbError::Crypto(format!("{}: {e}", path.display())))
     }
 
     pub fn from_hex(s: &str) -> Result<Key, String> {
         let v = hex::decode(s).map_err(|_| "the key file must hold 64 hex characters".to_string())?;
-        let bytes: [u8; 32] =
-            v.try_into().map_err(|_| "the key file must hold 64 hex characters".to_string())?;
+        let bytes: [u8; 32] = v.try_into().map_err(|_| "the key file must hold 64 hex characters".to_string())?;
         Ok(Key { bytes })
     }
 
@@ -71,8 +70,7 @@ impl Key {
 
     /// Encrypt to `v1:<base64(nonce||ciphertext)>`.
     pub fn encrypt(&self, plain: &str) -> Result<String, DbError> {
-        let cipher = Aes256Gcm::new_from_slice(&self.bytes)
-            .map_err(|_| DbError::Crypto("bad key length".into()))?;
+        let cipher = Aes256Gcm::new_from_slice(&self.bytes).map_err(|_| DbError::Crypto("bad key length".into()))?;
         let nonce_bytes: [u8; 12] = rand::random();
         let ct = cipher
             .encrypt(Nonce::from_slice(&nonce_bytes), plain.as_bytes())
@@ -95,8 +93,7 @@ impl Key {
         if raw.len() < 12 + 16 {
             return Err(bad());
         }
-        let cipher = Aes256Gcm::new_from_slice(&self.bytes)
-            .map_err(|_| DbError::Crypto("bad key length".into()))?;
+        let cipher = Aes256Gcm::new_from_slice(&self.bytes).map_err(|_| DbError::Crypto("bad key length".into()))?;
         let plain = cipher.decrypt(Nonce::from_slice(&raw[..12]), &raw[12..]).map_err(|_| bad())?;
         String::from_utf8(plain).map_err(|_| bad())
     }
@@ -119,8 +116,7 @@ pub fn password_verify(password: &str, stored: &str) -> bool {
     if *scheme != "pbkdf2-sha256" {
         return false;
     }
-    let (Ok(rounds), Ok(salt), Ok(hash)) = (rounds.parse::<u32>(), B64.decode(salt), B64.decode(hash))
-    else {
+    let (Ok(rounds), Ok(salt), Ok(hash)) = (rounds.parse::<u32>(), B64.decode(salt), B64.decode(hash)) else {
         return false;
     };
     if rounds == 0 || rounds > 10_000_000 || hash.len() != 32 {

@@ -61,12 +61,9 @@ pub struct EventFilter {
 pub async fn event_list(c: &mut dyn Sql, f: &EventFilter, page: Page) -> Result<(Vec<EventRow>, i64), DbError> {
     let mut wh = vec!["1 = 1".to_string()];
     let mut binds = Vec::new();
-    for (col, val) in [
-        ("e.account_id", &f.account_id),
-        ("e.type", &f.event_type),
-        ("e.level", &f.level),
-        ("e.id", &f.id),
-    ] {
+    for (col, val) in
+        [("e.account_id", &f.account_id), ("e.type", &f.event_type), ("e.level", &f.level), ("e.id", &f.id)]
+    {
         if let Some(v) = val {
             wh.push(format!("{col} = ?"));
             binds.push(crate::Bind::S(v.clone()));

@@ -143,12 +143,9 @@ pub async fn zone_list(c: &mut dyn Sql) -> Result<Vec<Zone>, DbError> {
 
 /// Insert a pod and its IP range (one `pod_ip` row per address), in the caller's transaction.
 pub async fn pod_insert(c: &mut dyn Sql, p: &Pod) -> Result<(), DbError> {
-    let start: Ipv4Addr = p
-        .start_ip
-        .parse()
-        .map_err(|_| DbError::Corrupt(format!("bad pod start ip {}", p.start_ip)))?;
-    let end: Ipv4Addr =
-        p.end_ip.parse().map_err(|_| DbError::Corrupt(format!("bad pod end ip {}", p.end_ip)))?;
+    let start: Ipv4Addr =
+        p.start_ip.parse().map_err(|_| DbError::Corrupt(format!("bad pod start ip {}", p.start_ip)))?;
+    let end: Ipv4Addr = p.end_ip.parse().map_err(|_| DbError::Corrupt(format!("bad pod end ip {}", p.end_ip)))?;
     let (s, e) = (u32::from(start) as i64, u32::from(end) as i64);
     if e < s || e - s > 65_535 {
         return Err(DbError::Corrupt("pod IP range must hold 1 to 65536 addresses".into()));
@@ -215,11 +212,7 @@ pub async fn pod_list(c: &mut dyn Sql) -> Result<Vec<Pod>, DbError> {
 
 /// Take a free address of the pod for `nic_id`; `None` when the range is exhausted.
 /// Conditional update, so two transactions never get the same address.
-pub async fn pod_ip_allocate(
-    c: &mut dyn Sql,
-    pod_id: &str,
-    nic_id: &str,
-) -> Result<Option<String>, DbError> {
+pub async fn pod_ip_allocate(c: &mut dyn Sql, pod_id: &str, nic_id: &str) -> Result<Option<String>, DbError> {
     for _ in 0..16 {
         let (conn, _) = c.parts();
         // Start at a random offset so concurrent allocations rarely collide.
@@ -430,11 +423,7 @@ pub struct HostConnect {
 
 /// Take ownership of a host's connection for management server `ms_id`: create the host if new,
 /// mark it Up and bump its ownership generation. Returns (host id, new generation).
-pub async fn host_take_connection(
-    c: &mut dyn Sql,
-    h: &HostConnect,
-    ms_id: &str,
-) -> Result<(String, i64), DbError> {
+pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str) -> Result<(String, i64), DbError> {
     let (conn, dl) = c.parts();
     let existing = sqlx::query(&sql(dl, "SELECT id, owner_gen FROM host WHERE guid = ? {for_update}"))
         .bind(&h.guid)

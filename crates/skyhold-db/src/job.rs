@@ -109,11 +109,7 @@ pub async fn job_fetch(c: &mut dyn Sql, id: &str) -> Result<Option<Job>, DbError
 }
 
 /// Jobs, newest first, optionally of one account.
-pub async fn job_list(
-    c: &mut dyn Sql,
-    account_id: Option<&str>,
-    page: Page,
-) -> Result<(Vec<Job>, i64), DbError> {
+pub async fn job_list(c: &mut dyn Sql, account_id: Option<&str>, page: Page) -> Result<(Vec<Job>, i64), DbError> {
     let (conn, _) = c.parts();
     let (where_, bind) = match account_id {
         Some(a) => ("WHERE account_id = ?", Some(a.to_string())),
@@ -151,12 +147,7 @@ pub struct Claimed {
 
 /// Claim up to `limit` runnable jobs for `ms_id` with a lease of `lease_ms`: unfinished, unowned
 /// or with an expired lease, and first in line on their object.
-pub async fn job_claim(
-    c: &mut dyn Sql,
-    ms_id: &str,
-    lease_ms: i64,
-    limit: i64,
-) -> Result<Vec<Claimed>, DbError> {
+pub async fn job_claim(c: &mut dyn Sql, ms_id: &str, lease_ms: i64, limit: i64) -> Result<Vec<Claimed>, DbError> {
     let (conn, dl) = c.parts();
     let q = sql(
         dl,
@@ -214,13 +205,7 @@ pub async fn job_renew(c: &mut dyn Sql, id: &str, ms_id: &str, gen_: i64, lease_
 
 /// Record that `step` is done with `step_state`; conditional on the generation. False if the
 /// lease was lost (the caller must roll its transaction back).
-pub async fn job_save_step(
-    c: &mut dyn Sql,
-    id: &str,
-    gen_: i64,
-    step: i64,
-    step_state: &str,
-) -> Result<bool, DbError> {
+pub async fn job_save_step(c: &mut dyn Sql, id: &str, gen_: i64, step: i64, step_state: &str) -> Result<bool, DbError> {
     let (conn, dl) = c.parts();
     let n = sqlx::query(&sql(
         dl,
@@ -269,13 +254,15 @@ pub async fn job_complete(
 /// Give up the lease of a job (graceful handover): another server may claim it at once.
 pub async fn job_release(c: &mut dyn Sql, id: &str, gen_: i64) -> Result<bool, DbError> {
     let (conn, _) = c.parts();
-    let n = sqlx::query("UPDATE async_job SET owner_ms = NULL, lease_until_ms = 0 WHERE id = ? AND lease_gen = ? AND status = 0")
-        .bind(id)
-        .bind(gen_)
-        .execute(conn)
-        .await
-        .ctx("release job")?
-        .rows_affected();
+    let n = sqlx::query(
+        "UPDATE async_job SET owner_ms = NULL, lease_until_ms = 0 WHERE id = ? AND lease_gen = ? AND status = 0",
+    )
+    .bind(id)
+    .bind(gen_)
+    .execute(conn)
+    .await
+    .ctx("release job")?
+    .rows_affected();
     Ok(n == 1)
 }
 

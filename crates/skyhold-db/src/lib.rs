@@ -172,11 +172,7 @@ pub(crate) fn sql(d: Dialect, s: &str) -> Cow<'_, str> {
         Dialect::Sqlite => "INTEGER",
         Dialect::MySql => "SIGNED",
     };
-    Cow::Owned(
-        s.replace("{now}", now)
-            .replace("{for_update}", for_update)
-            .replace("{int}", int),
-    )
+    Cow::Owned(s.replace("{now}", now).replace("{for_update}", for_update).replace("{int}", int))
 }
 
 /// The connection pool and its dialect. Cheap to clone.
@@ -228,10 +224,8 @@ impl Db {
         } else {
             return Err(DbError::BadUrl(endpoint));
         };
-        let opts = AnyConnectOptions::from_str(&url).map_err(|source| DbError::Connect {
-            endpoint: endpoint.clone(),
-            source,
-        })?;
+        let opts = AnyConnectOptions::from_str(&url)
+            .map_err(|source| DbError::Connect { endpoint: endpoint.clone(), source })?;
         let max = match dialect {
             Dialect::Sqlite => cfg.max_connections.clamp(1, 8),
             Dialect::MySql => cfg.max_connections.max(1),
@@ -243,11 +237,9 @@ impl Db {
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     let stmts: &[&str] = match dialect {
-                        Dialect::Sqlite => &[
-                            "PRAGMA busy_timeout = 10000",
-                            "PRAGMA synchronous = NORMAL",
-                            "PRAGMA foreign_keys = OFF",
-                        ],
+                        Dialect::Sqlite => {
+                            &["PRAGMA busy_timeout = 10000", "PRAGMA synchronous = NORMAL", "PRAGMA foreign_keys = OFF"]
+                        }
                         Dialect::MySql => &[
                             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
                             "SET time_zone = '+00:00'",
@@ -264,10 +256,7 @@ impl Db {
             .await
             .map_err(|source| DbError::Connect { endpoint: endpoint.clone(), source })?;
         if dialect == Dialect::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL")
-                .fetch_optional(&pool)
-                .await
-                .ctx("switch SQLite to WAL mode")?;
+            sqlx::query("PRAGMA journal_mode = WAL").fetch_optional(&pool).await.ctx("switch SQLite to WAL mode")?;
         }
         Ok(Db { pool, dialect, endpoint })
     }
@@ -281,20 +270,16 @@ impl Db {
         let rest = &url[slash + 1..];
         let name = rest.split('?').next().unwrap_or("");
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(DbError::BadUrl(format!(
-                "{endpoint} (the database name must be letters, digits and _)"
-            )));
+            return Err(DbError::BadUrl(format!("{endpoint} (the database name must be letters, digits and _)")));
         }
         let server_url = &url[..slash];
-        let mut conn = AnyConnection::connect(server_url).await.map_err(|source| {
-            DbError::Connect { endpoint: endpoint.to_string(), source }
-        })?;
-        sqlx::query(&format!(
-            "CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-        ))
-        .execute(&mut conn)
-        .await
-        .ctx("create database")?;
+        let mut conn = AnyConnection::connect(server_url)
+            .await
+            .map_err(|source| DbError::Connect { endpoint: endpoint.to_string(), source })?;
+        sqlx::query(&format!("CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"))
+            .execute(&mut conn)
+            .await
+            .ctx("create database")?;
         let _ = conn.close().await;
         Ok(())
     }
@@ -310,19 +295,15 @@ impl Db {
 
     /// A pooled connection for reads and single-statement writes.
     pub async fn conn(&self) -> Result<Conn, DbError> {
-        let inner = self.pool.acquire().await.map_err(|source| DbError::Connect {
-            endpoint: self.endpoint.clone(),
-            source,
-        })?;
+        let inner =
+            self.pool.acquire().await.map_err(|source| DbError::Connect { endpoint: self.endpoint.clone(), source })?;
         Ok(Conn { inner, dialect: self.dialect })
     }
 
     /// Begin a transaction. Use [`retry_tx!`] rather than calling this directly.
     pub async fn begin(&self) -> Result<Tx, DbError> {
-        let inner = self.pool.begin().await.map_err(|source| DbError::Connect {
-            endpoint: self.endpoint.clone(),
-            source,
-        })?;
+        let inner =
+            self.pool.begin().await.map_err(|source| DbError::Connect { endpoint: self.endpoint.clone(), source })?;
         Ok(Tx { inner, dialect: self.dialect })
     }
 

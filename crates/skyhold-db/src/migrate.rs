@@ -311,10 +311,9 @@ pub const LATEST: i64 = 1;
 fn render(d: Dialect, s: &str) -> String {
     let (pk_col, engine) = match d {
         Dialect::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", ""),
-        Dialect::MySql => (
-            "BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY",
-            " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-        ),
+        Dialect::MySql => {
+            ("BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY", " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin")
+        }
     };
     s.replace("{pk_col}", pk_col).replace("{engine}", engine)
 }
@@ -345,10 +344,8 @@ pub async fn status(db: &Db) -> Result<SchemaStatus, DbError> {
         return Ok(SchemaStatus { current: None, latest: LATEST });
     }
     let (conn, _) = c.parts();
-    let row = sqlx::query("SELECT MAX(version) FROM schema_version")
-        .fetch_one(conn)
-        .await
-        .ctx("read schema version")?;
+    let row =
+        sqlx::query("SELECT MAX(version) FROM schema_version").fetch_one(conn).await.ctx("read schema version")?;
     let current = row.try_get::<Option<i64>, _>(0).ctx("read schema version")?;
     Ok(SchemaStatus { current, latest: LATEST })
 }
@@ -389,12 +386,7 @@ pub async fn migrate(db: &Db) -> Result<Vec<i64>, DbError> {
             sqlx::query(stmt).execute(&mut *conn).await.ctx("apply migration")?;
         }
         let q = crate::sql(d, "INSERT INTO schema_version (version, name, applied_ms) VALUES (?, ?, {now})");
-        sqlx::query(&q)
-            .bind(m.version)
-            .bind(m.name)
-            .execute(&mut *conn)
-            .await
-            .ctx("record migration")?;
+        sqlx::query(&q).bind(m.version).bind(m.name).execute(&mut *conn).await.ctx("record migration")?;
         tracing::info!(version = m.version, name = m.name, "applied schema migration");
         applied.push(m.version);
     }
@@ -405,9 +397,7 @@ pub async fn migrate(db: &Db) -> Result<Vec<i64>, DbError> {
 pub async fn check_current(db: &Db) -> Result<(), DbError> {
     let st = status(db).await?;
     match st.current {
-        None => Err(DbError::Schema(
-            "the database has no Skyhold schema: run `skyhold db init` first".into(),
-        )),
+        None => Err(DbError::Schema("the database has no Skyhold schema: run `skyhold db init` first".into())),
         Some(v) if v > LATEST => Err(DbError::Schema(format!(
             "the database schema is version {v}, newer than this binary ({LATEST}): upgrade Skyhold"
         ))),

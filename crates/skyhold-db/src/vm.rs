@@ -456,11 +456,7 @@ pub struct VolumeFilter {
     pub keyword: Option<String>,
 }
 
-pub async fn volume_list(
-    c: &mut dyn Sql,
-    f: &VolumeFilter,
-    page: Page,
-) -> Result<(Vec<Volume>, i64), DbError> {
+pub async fn volume_list(c: &mut dyn Sql, f: &VolumeFilter, page: Page) -> Result<(Vec<Volume>, i64), DbError> {
     let mut wh = vec!["vo.removed_ms IS NULL".to_string()];
     let mut binds = Vec::new();
     for (col, val) in [

@@ -121,13 +121,7 @@ pub enum CommandResult {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMsg {
     /// First message on every connection.
-    Hello {
-        proto: u32,
-        token: String,
-        agent_id: String,
-        version: String,
-        hosts: Vec<HostReport>,
-    },
+    Hello { proto: u32, token: String, agent_id: String, version: String, hosts: Vec<HostReport> },
     /// Answer to [`MsMsg::Command`] with the same `req`.
     Answer { req: u64, result: CommandResult },
     /// Periodic liveness report, every `ping_interval_ms`.
@@ -149,14 +143,7 @@ pub enum MsMsg {
     /// Registration refused (bad token, unsupported protocol); the agent logs `reason`.
     Refused { reason: String },
     /// Execute `cmd` on host `host_guid`.
-    Command {
-        req: u64,
-        host_guid: String,
-        generation: u64,
-        job_id: String,
-        step: u32,
-        cmd: Command,
-    },
+    Command { req: u64, host_guid: String, generation: u64, job_id: String, step: u32, cmd: Command },
     /// Answer to a ping.
     Pong,
     /// A new list of management server addresses.

@@ -35,8 +35,8 @@ macro_rules! id_type {
 }
 
 id_type!(
-    DomainId, AccountId, UserId, ZoneId, PodId, ClusterId, HostId, OfferingId, TemplateId, VmId,
-    VolumeId, NicId, JobId, MsId, EventId, SessionId,
+    DomainId, AccountId, UserId, ZoneId, PodId, ClusterId, HostId, OfferingId, TemplateId, VmId, VolumeId, NicId,
+    JobId, MsId, EventId, SessionId,
 );
 
 /// A fencing token: increases on every change of ownership (job lease, host connection, named

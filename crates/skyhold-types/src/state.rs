@@ -90,10 +90,7 @@ impl VmState {
 
     /// States in which a job is still working on the VM.
     pub fn is_transitional(self) -> bool {
-        matches!(
-            self,
-            VmState::Starting | VmState::Stopping | VmState::Migrating | VmState::Expunging
-        )
+        matches!(self, VmState::Starting | VmState::Stopping | VmState::Migrating | VmState::Expunging)
     }
 }
 

@@ -10,12 +10,16 @@ pub async fn run(a: AgentArgs) -> Result<u8> {
     }
     let token = match (&a.token, &a.token_file) {
         (Some(t), _) => t.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("read token file {}", f.display()))?.trim().to_string(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("read token file {}", f.display()))?.trim().to_string()
+        }
         (None, None) => bail!("a join token is required: --token T or --token-file FILE"),
     };
     let fail_rules = a.fail.iter().map(|r| FailRule::parse(r)).collect::<Result<Vec<_>, _>>()?;
     let agent_id = a.agent_id.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "agent".into())
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "agent".into())
     });
     let cfg = AgentConfig {
         mgmt_addrs: a.mgmt.clone(),

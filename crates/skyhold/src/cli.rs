@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "skyhold", version, about = "Skyhold: a highly available, CloudStack-compatible cloud management server")]
+#[command(
+    name = "skyhold",
+    version,
+    about = "Skyhold: a highly available, CloudStack-compatible cloud management server"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,

@@ -57,7 +57,8 @@ impl Node {
     }
 
     pub fn ensure_data_dir(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("create data directory {}", self.data_dir.display()))
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("create data directory {}", self.data_dir.display()))
     }
 
     pub async fn open_db(&self, create: bool) -> Result<Db> {

@@ -84,7 +84,9 @@ pub async fn account(a: AccountArgs) -> Result<u8> {
             let n = Node::resolve(&node, &file)?;
             let key = n.load_key()?;
             let db = n.open_db(false).await?;
-            bootstrap::check_key(&db, &key, &n.key_file.display().to_string()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            bootstrap::check_key(&db, &key, &n.key_file.display().to_string())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let domain = bootstrap::root_domain_id(&db).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             let c = bootstrap::create_account(&db, &key, &domain, &name, if admin { 1 } else { 0 }, password)
                 .await

@@ -52,10 +52,8 @@ pub async fn run(a: DemoArgs) -> Result<u8> {
         skyhold_core::bootstrap::seed_demo(&db).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         db.close().await;
     }
-    let admin: Value = std::fs::read_to_string(&admin_file)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null);
+    let admin: Value =
+        std::fs::read_to_string(&admin_file).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(Value::Null);
 
     let exe = std::env::current_exe().context("find the skyhold executable")?;
     let mut procs: Vec<Proc> = Vec::new();
@@ -135,7 +133,10 @@ pub async fn run(a: DemoArgs) -> Result<u8> {
     let endpoint = endpoints.first().cloned().unwrap_or_default();
     let key = admin["apikey"].as_str().unwrap_or("");
     let secret = admin["secretkey"].as_str().unwrap_or("");
-    write_private(&dir.join("cloudstack.ini"), &format!("[cloudstack]\nendpoint = {endpoint}\nkey = {key}\nsecret = {secret}\n"))?;
+    write_private(
+        &dir.join("cloudstack.ini"),
+        &format!("[cloudstack]\nendpoint = {endpoint}\nkey = {key}\nsecret = {secret}\n"),
+    )?;
     let demo = json!({
         "endpoint": endpoint,
         "endpoints": endpoints,
@@ -234,4 +235,3 @@ async fn stop_all(procs: &mut [Proc]) {
     }
     eprintln!("demo stopped");
 }
-

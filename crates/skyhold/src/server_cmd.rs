@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 pub const EXIT_REPLACED: u8 = 219;
 
 async fn bind(ip: &str, port: u16, what: &str) -> Result<TcpListener> {
-    let addr: SocketAddr = format!("{ip}:{port}").parse().with_context(|| format!("parse {what} address {ip}:{port}"))?;
+    let addr: SocketAddr =
+        format!("{ip}:{port}").parse().with_context(|| format!("parse {what} address {ip}:{port}"))?;
     TcpListener::bind(addr).await.with_context(|| format!("listen on {what} address {addr}"))
 }
 
@@ -47,9 +48,11 @@ pub async fn run(a: ServerArgs) -> Result<u8> {
     let agent_l = bind(&bind_ip, a.agent_port.or(file.agent_port).unwrap_or(8250), "agent").await?;
     let cluster_l = bind(&bind_ip, a.cluster_port.or(file.cluster_port).unwrap_or(9090), "cluster").await?;
     let ports = (api_l.local_addr()?.port(), agent_l.local_addr()?.port(), cluster_l.local_addr()?.port());
-    let service_ip = a.service_ip.clone().or(file.service_ip.clone()).unwrap_or_else(|| {
-        if bind_ip == "0.0.0.0" { "127.0.0.1".to_string() } else { bind_ip.clone() }
-    });
+    let service_ip = a
+        .service_ip
+        .clone()
+        .or(file.service_ip.clone())
+        .unwrap_or_else(|| if bind_ip == "0.0.0.0" { "127.0.0.1".to_string() } else { bind_ip.clone() });
     let ident = MsIdentity {
         id: ms_id(&node, a.ms_id.clone().or(file.ms_id.clone()))?,
         run_id: uuid::Uuid::new_v4().to_string(),
@@ -136,5 +139,7 @@ async fn peer_placeholder(l: TcpListener) {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }

@@ -150,7 +150,8 @@ fn deploy_stopped_and_paging(b: Backend) {
     assert!(l.get("virtualmachine").is_none());
     // Duplicate name in the same account is refused.
     let (z, t, o) = c.ids("Small Instance");
-    let (st, v) = c.api("deployVirtualMachine", &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", "p1")]);
+    let (st, v) =
+        c.api("deployVirtualMachine", &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", "p1")]);
     assert_eq!(st, 431, "{v}");
 }
 both!(deploy_stopped_and_paging);
@@ -208,14 +209,21 @@ fn bad_input(b: Backend) {
     };
     let (st, v) = c.api("deployVirtualMachine", &[("zoneid", &z), ("serviceofferingid", &o)]);
     err(st, &v, 431, "missing parameter templateid");
-    let (st, v) = c.api("deployVirtualMachine", &[("zoneid", "not-a-uuid"), ("templateid", &t), ("serviceofferingid", &o)]);
+    let (st, v) =
+        c.api("deployVirtualMachine", &[("zoneid", "not-a-uuid"), ("templateid", &t), ("serviceofferingid", &o)]);
     err(st, &v, 431, "zoneid");
     let unknown = "3f1e0000-0000-4000-8000-000000000000";
     let (st, v) = c.api("deployVirtualMachine", &[("zoneid", &z), ("templateid", unknown), ("serviceofferingid", &o)]);
     err(st, &v, 431, unknown);
-    let (st, v) = c.api("deployVirtualMachine", &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", "bad name!")]);
+    let (st, v) = c.api(
+        "deployVirtualMachine",
+        &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", "bad name!")],
+    );
     err(st, &v, 431, "name");
-    let (st, v) = c.api("deployVirtualMachine", &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("startvm", "maybe")]);
+    let (st, v) = c.api(
+        "deployVirtualMachine",
+        &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("startvm", "maybe")],
+    );
     err(st, &v, 431, "startvm");
     let (st, v) = c.api("stopVirtualMachine", &[("id", unknown)]);
     err(st, &v, 431, unknown);
@@ -278,7 +286,9 @@ fn bad_input(b: Backend) {
 
     // Oversized and hostile input: clear errors, never 500.
     let huge = "x".repeat(2 * 1024 * 1024);
-    let r = ureq::post(&c.base()).set("Content-Type", "application/x-www-form-urlencoded").send_string(&format!("command=listZones&name={huge}"));
+    let r = ureq::post(&c.base())
+        .set("Content-Type", "application/x-www-form-urlencoded")
+        .send_string(&format!("command=listZones&name={huge}"));
     let (st, v) = into(r);
     assert!(st == 430 || st == 431, "{st} {v}");
     let (st, v) = get(&format!("{}?command=listZones&name={}", c.base(), "y".repeat(40 * 1024)));
@@ -300,7 +310,11 @@ fn sessions_and_visibility(b: Backend) {
     let (admin_vm, _) = c.deploy("adminvm", "Small Instance", &[("startvm", "false")]);
     // An ordinary user deploys and sees only her own VM.
     let (z, t, o) = c.ids("Small Instance");
-    let (st, v) = c.api_as(&user, "deployVirtualMachine", &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", "alicevm")]);
+    let (st, v) = c.api_as(
+        &user,
+        "deployVirtualMachine",
+        &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", "alicevm")],
+    );
     assert_eq!(st, 200, "{v}");
     let job = v["deployvirtualmachineresponse"]["jobid"].as_str().unwrap().to_string();
     let j = c.wait_job_as(&user, &job);
@@ -316,7 +330,11 @@ fn sessions_and_visibility(b: Backend) {
     assert_eq!(st, 401, "admin-only: {v}");
     let (st, _) = c.api_as(&user, "updateConfiguration", &[("name", "ping.interval"), ("value", "3")]);
     assert_eq!(st, 401);
-    let (st, _) = c.api_as(&user, "deployVirtualMachine", &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("hostid", &z)]);
+    let (st, _) = c.api_as(
+        &user,
+        "deployVirtualMachine",
+        &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("hostid", &z)],
+    );
     assert_eq!(st, 531, "only admins choose hosts");
     let (_, jq) = c.api_as(&user, "queryAsyncJobResult", &[("jobid", &job)]);
     assert_eq!(jq["queryasyncjobresultresponse"]["jobstatus"], 1);
@@ -324,7 +342,11 @@ fn sessions_and_visibility(b: Backend) {
     // Login with a password: cookie + sessionkey, then logout.
     let agent = ureq::AgentBuilder::new().build();
     let login = |pw: &str| {
-        into(agent.post(&format!("{}?command=login&username=alice&password={pw}&domain=%2F&response=json", c.base())).send_string(""))
+        into(
+            agent
+                .post(&format!("{}?command=login&username=alice&password={pw}&domain=%2F&response=json", c.base()))
+                .send_string(""),
+        )
     };
     let (st, v) = login("nope");
     assert_eq!(st, 531, "{v}");
@@ -332,7 +354,9 @@ fn sessions_and_visibility(b: Backend) {
     assert_eq!(st, 200, "{v}");
     let key = v["loginresponse"]["sessionkey"].as_str().unwrap().to_string();
     assert_eq!(v["loginresponse"]["username"], "alice");
-    let list = |k: &str| into(agent.get(&format!("{}?command=listVirtualMachines&response=json&sessionkey={k}", c.base())).call());
+    let list = |k: &str| {
+        into(agent.get(&format!("{}?command=listVirtualMachines&response=json&sessionkey={k}", c.base())).call())
+    };
     let (st, v) = list(&key);
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["listvirtualmachinesresponse"]["count"], 1);
@@ -367,7 +391,8 @@ fn admin_views_and_settings(b: Backend) {
     assert_eq!(ms["managementserver"][0]["agentcount"], 3);
 
     // Disable two hosts: new VMs go to the third; an admin's explicit hostid on a disabled host fails.
-    let ids: Vec<String> = hosts["host"].as_array().unwrap().iter().map(|h| h["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> =
+        hosts["host"].as_array().unwrap().iter().map(|h| h["id"].as_str().unwrap().to_string()).collect();
     for h in &ids[..2] {
         let r = c.ok("updateHost", &[("id", h), ("allocationstate", "Disable")]);
         assert_eq!(r["host"]["resourcestate"], "Disabled");
@@ -399,7 +424,8 @@ fn admin_views_and_settings(b: Backend) {
     c.api_port = c.servers[0].1;
     let got = wait_for(std::time::Duration::from_secs(10), || {
         let (st, v) = c.api("listVirtualMachines", &[]);
-        (st == 200 && v["listvirtualmachinesresponse"]["virtualmachine"].as_array().map(|a| a.len()) == Some(2)).then_some(())
+        (st == 200 && v["listvirtualmachinesresponse"]["virtualmachine"].as_array().map(|a| a.len()) == Some(2))
+            .then_some(())
     });
     assert!(got.is_some(), "default.page.size changed on ms2 applies on ms1 without restart");
     let (st, _) = c.api("listVirtualMachines", &[("pagesize", "3")]);
@@ -413,7 +439,13 @@ fn jobs_on_one_vm_run_in_order(b: Backend) {
     let (id, _) = c.deploy("ordered", "Small Instance", &[]);
     // Queue five jobs at once; they run one at a time in submission order.
     let mut jobs = Vec::new();
-    for cmd in ["stopVirtualMachine", "startVirtualMachine", "rebootVirtualMachine", "stopVirtualMachine", "startVirtualMachine"] {
+    for cmd in [
+        "stopVirtualMachine",
+        "startVirtualMachine",
+        "rebootVirtualMachine",
+        "stopVirtualMachine",
+        "startVirtualMachine",
+    ] {
         let r = c.ok(cmd, &[("id", &id)]);
         jobs.push(r["jobid"].as_str().unwrap().to_string());
     }

@@ -12,7 +12,16 @@ fn run(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn help_on_every_subcommand() {
-    for sub in [&["--help"][..], &["demo", "--help"], &["server", "--help"], &["agent", "--help"], &["db", "init", "--help"], &["db", "migrate", "--help"], &["db", "status", "--help"], &["account", "create", "--help"]] {
+    for sub in [
+        &["--help"][..],
+        &["demo", "--help"],
+        &["server", "--help"],
+        &["agent", "--help"],
+        &["db", "init", "--help"],
+        &["db", "migrate", "--help"],
+        &["db", "status", "--help"],
+        &["account", "create", "--help"],
+    ] {
         let out = run(sub);
         assert!(out.status.success(), "{sub:?}");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{sub:?}");
@@ -40,7 +49,7 @@ fn db_init_refuses_to_overwrite_and_status_reports() {
     let raw = std::fs::read(dir.path().join("skyhold.db")).unwrap();
     let secret = second["admin"]["secretkey"].as_str().unwrap();
     assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()), "API secret stored in clear");
-    assert!(!raw.windows(8).any(|w| w == second["admin"]["password"].as_str().unwrap()[..8].as_bytes()));
+    assert!(!raw.windows(8).any(|w| w == &second["admin"]["password"].as_str().unwrap().as_bytes()[..8]));
 }
 
 #[test]
@@ -50,7 +59,21 @@ fn server_refuses_wrong_key_missing_schema_and_duplicate_id() {
     // A second node with a different key file.
     let other = tempfile::tempdir().unwrap();
     std::fs::write(other.path().join("key"), format!("{}\n", "ab".repeat(32))).unwrap();
-    let out = run(&["server", "--data-dir", other.path().to_str().unwrap(), "--db", &c.db_url, "--api-port", "0", "--agent-port", "0", "--cluster-port", "0", "--bind", "127.0.0.1"]);
+    let out = run(&[
+        "server",
+        "--data-dir",
+        other.path().to_str().unwrap(),
+        "--db",
+        &c.db_url,
+        "--api-port",
+        "0",
+        "--agent-port",
+        "0",
+        "--cluster-port",
+        "0",
+        "--bind",
+        "127.0.0.1",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("encryption key does not match the cluster's key: copy"), "{err}");
@@ -59,10 +82,27 @@ fn server_refuses_wrong_key_missing_schema_and_duplicate_id() {
     let out = run(&["server", "--data-dir", empty.path().to_str().unwrap(), "--db", &c.db_url]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("key file"), "{}", String::from_utf8_lossy(&out.stderr));
     // A database without schema.
-    let out = run(&["server", "--data-dir", &d, "--db", &format!("sqlite://{}", empty.path().join("none.db").display())]);
+    let out =
+        run(&["server", "--data-dir", &d, "--db", &format!("sqlite://{}", empty.path().join("none.db").display())]);
     assert!(!out.status.success());
     // The same server id twice while the first is alive.
-    let out = run(&["server", "--data-dir", &d, "--db", &c.db_url, "--ms-id", "ms1", "--api-port", "0", "--agent-port", "0", "--cluster-port", "0", "--bind", "127.0.0.1"]);
+    let out = run(&[
+        "server",
+        "--data-dir",
+        &d,
+        "--db",
+        &c.db_url,
+        "--ms-id",
+        "ms1",
+        "--api-port",
+        "0",
+        "--agent-port",
+        "0",
+        "--cluster-port",
+        "0",
+        "--bind",
+        "127.0.0.1",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Management server id is not unique"), "{err}");
@@ -74,7 +114,19 @@ fn demo_starts_serves_and_keeps_its_data() {
     let d = dir.path().join("demo");
     let start = || {
         Command::new(BIN)
-            .args(["demo", "--data-dir", d.to_str().unwrap(), "--hosts", "2", "--api-port", "0", "--agent-port", "0", "--cluster-port", "0"])
+            .args([
+                "demo",
+                "--data-dir",
+                d.to_str().unwrap(),
+                "--hosts",
+                "2",
+                "--api-port",
+                "0",
+                "--agent-port",
+                "0",
+                "--cluster-port",
+                "0",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -96,7 +148,8 @@ fn demo_starts_serves_and_keeps_its_data() {
     let ini = std::fs::read_to_string(d.join("cloudstack.ini")).unwrap();
     assert!(ini.starts_with("[cloudstack]\nendpoint = http://127.0.0.1:"), "{ini}");
     let field = |k: &str| ini.lines().find_map(|l| l.strip_prefix(&format!("{k} = "))).unwrap().to_string();
-    let who = Creds { api_key: field("key"), secret: field("secret"), username: "admin".into(), password: String::new() };
+    let who =
+        Creds { api_key: field("key"), secret: field("secret"), username: "admin".into(), password: String::new() };
     let endpoint = field("endpoint");
     let call = |cmd: &str, p: &[(&str, &str)]| get(&format!("{endpoint}?{}", signed_query(&who, cmd, p)));
     let hosts = wait_for(Duration::from_secs(20), || {
@@ -110,7 +163,10 @@ fn demo_starts_serves_and_keeps_its_data() {
     let tpl = t["listtemplatesresponse"]["template"][0]["id"].as_str().unwrap().to_string();
     let (_, o) = call("listServiceOfferings", &[]);
     let off = o["listserviceofferingsresponse"]["serviceoffering"][0]["id"].as_str().unwrap().to_string();
-    let (st, r) = call("deployVirtualMachine", &[("zoneid", &zone), ("templateid", &tpl), ("serviceofferingid", &off), ("name", "demo1")]);
+    let (st, r) = call(
+        "deployVirtualMachine",
+        &[("zoneid", &zone), ("templateid", &tpl), ("serviceofferingid", &off), ("name", "demo1")],
+    );
     assert_eq!(st, 200, "{r}");
     let job = r["deployvirtualmachineresponse"]["jobid"].as_str().unwrap().to_string();
     let done = wait_for(Duration::from_secs(30), || {
@@ -167,8 +223,9 @@ fn server_reads_its_config_file_and_environment() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let v: Option<Value> =
-        wait_for(Duration::from_secs(20), || std::fs::read_to_string(&ports).ok().and_then(|s| serde_json::from_str(&s).ok()));
+    let v: Option<Value> = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&ports).ok().and_then(|s| serde_json::from_str(&s).ok())
+    });
     let _ = child.kill();
     let _ = child.wait();
     let v = v.expect("server started from its config file");

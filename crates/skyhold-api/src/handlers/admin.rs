@@ -83,7 +83,11 @@ pub async fn update_configuration(ctx: &Ctx<'_>) -> HResult {
         return Err(CsError::param(format!("Configuration name {name} does not exist or is not a global setting")));
     };
     let raw = p.get("value").unwrap_or("");
-    let value = if raw.is_empty() { def.default.to_string() } else { validate(def, raw).map_err(|e| p.invalid("value", &e))? };
+    let value = if raw.is_empty() {
+        def.default.to_string()
+    } else {
+        validate(def, raw).map_err(|e| p.invalid("value", &e))?
+    };
     let owner = ctx.caller.owner();
     let core = ctx.core;
     skyhold_db::retry_tx!(core.db(), |tx| {

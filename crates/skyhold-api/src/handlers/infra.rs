@@ -94,7 +94,8 @@ pub async fn list_pods(ctx: &Ctx<'_>) -> HResult {
 
 pub async fn list_clusters(ctx: &Ctx<'_>) -> HResult {
     let p = ctx.p;
-    let (id, name, zone, pod, kw) = (p.uuid("id")?, p.text("name", 255)?, p.uuid("zoneid")?, p.uuid("podid")?, p.keyword()?);
+    let (id, name, zone, pod, kw) =
+        (p.uuid("id")?, p.text("name", 255)?, p.uuid("zoneid")?, p.uuid("podid")?, p.keyword()?);
     let mut c = ctx.core.db().conn().await.map_err(db)?;
     let zones = zone_list(&mut c).await.map_err(db)?;
     let pods = pod_list(&mut c).await.map_err(db)?;
@@ -236,7 +237,10 @@ pub async fn update_host(ctx: &Ctx<'_>) -> HResult {
         if !matches!(host.resource_state.as_str(), "Enabled" | "Disabled") {
             return Err(CsError::new(
                 ErrorCode::ParamError,
-                format!("host {} is in resource state {}; its allocation state cannot change now", host.name, host.resource_state),
+                format!(
+                    "host {} is in resource state {}; its allocation state cannot change now",
+                    host.name, host.resource_state
+                ),
             ));
         }
         skyhold_db::infra::host_set_resource_state(&mut c, &id, st).await.map_err(db)?;
@@ -245,9 +249,16 @@ pub async fn update_host(ctx: &Ctx<'_>) -> HResult {
             domain_id: ctx.caller.domain_id.clone(),
             user_id: Some(ctx.caller.user_id.clone()),
         };
-        skyhold_core::events::record(&mut c, &owner, "HOST.UPDATE", "INFO", format!("Host {} allocation state set to {st}", host.name), Some(("Host", &id)))
-            .await
-            .map_err(cs)?;
+        skyhold_core::events::record(
+            &mut c,
+            &owner,
+            "HOST.UPDATE",
+            "INFO",
+            format!("Host {} allocation state set to {st}", host.name),
+            Some(("Host", &id)),
+        )
+        .await
+        .map_err(cs)?;
     }
     drop(c);
     let names = Names::load(ctx).await?;
@@ -295,8 +306,13 @@ pub async fn list_service_offerings(ctx: &Ctx<'_>) -> HResult {
 pub async fn list_templates(ctx: &Ctx<'_>) -> HResult {
     let p = ctx.p;
     let filter = p.req("templatefilter")?.to_lowercase();
-    if !["featured", "self", "selfexecutable", "sharedexecutable", "executable", "community", "all"].contains(&filter.as_str()) {
-        return Err(p.invalid("templatefilter", "must be one of featured, self, selfexecutable, sharedexecutable, executable, community, all"));
+    if !["featured", "self", "selfexecutable", "sharedexecutable", "executable", "community", "all"]
+        .contains(&filter.as_str())
+    {
+        return Err(p.invalid(
+            "templatefilter",
+            "must be one of featured, self, selfexecutable, sharedexecutable, executable, community, all",
+        ));
     }
     let (id, name, zone, kw) = (p.uuid("id")?, p.text("name", 255)?, p.uuid("zoneid")?, p.keyword()?);
     let mut c = ctx.core.db().conn().await.map_err(db)?;
@@ -313,7 +329,11 @@ pub async fn list_templates(ctx: &Ctx<'_>) -> HResult {
             "executable" => t.is_public || mine,
             _ => caller.is_admin() || t.is_public || mine,
         };
-        if !keep || id.as_ref().is_some_and(|i| &t.id != i) || name.as_ref().is_some_and(|n| &t.name != n) || !matches_kw(&kw, &[&t.name]) {
+        if !keep
+            || id.as_ref().is_some_and(|i| &t.id != i)
+            || name.as_ref().is_some_and(|n| &t.name != n)
+            || !matches_kw(&kw, &[&t.name])
+        {
             continue;
         }
         // A cross-zone template is listed once per zone, as CloudStack does.

@@ -27,7 +27,8 @@ pub fn job_json(j: &Job) -> Value {
     }
     if j.status != 0 {
         m.insert("jobresulttype".into(), json!("object"));
-        let result = j.result.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()).unwrap_or_else(|| json!({}));
+        let result =
+            j.result.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()).unwrap_or_else(|| json!({}));
         m.insert("jobresult".into(), result);
         if let Some(c) = j.completed_ms {
             m.insert("completed".into(), json!(cs_date(c)));

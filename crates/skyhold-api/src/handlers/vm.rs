@@ -33,7 +33,10 @@ async fn queue(ctx: &Ctx<'_>, command: &'static str, params: Value) -> HResult {
 pub async fn start(ctx: &Ctx<'_>) -> HResult {
     let host = ctx.p.uuid("hostid")?;
     if host.is_some() && !ctx.caller.is_admin() {
-        return Err(skyhold_types::CsError::new(skyhold_types::ErrorCode::AccountError, "only an administrator may choose the host"));
+        return Err(skyhold_types::CsError::new(
+            skyhold_types::ErrorCode::AccountError,
+            "only an administrator may choose the host",
+        ));
     }
     queue(ctx, cmd::START, json!({ "hostid": host })).await
 }
@@ -85,7 +88,13 @@ pub async fn list(ctx: &Ctx<'_>) -> HResult {
     let account_id = match (p.get("account"), ctx.caller.is_admin()) {
         (Some(name), true) => {
             let accounts = admin_accounts(ctx).await?;
-            Some(accounts.into_iter().find(|(_, n)| n == name).map(|(id, _)| id).ok_or_else(|| p.invalid("account", "no such account"))?)
+            Some(
+                accounts
+                    .into_iter()
+                    .find(|(_, n)| n == name)
+                    .map(|(id, _)| id)
+                    .ok_or_else(|| p.invalid("account", "no such account"))?,
+            )
         }
         _ => None,
     };

@@ -9,9 +9,9 @@ use super::{AgentOutcome, JobCtx, Outcome};
 use crate::CoreError;
 use crate::events::{EventOwner, record};
 use serde_json::{Value, json};
+use skyhold_db::Tx;
 use skyhold_db::retry_tx;
 use skyhold_db::vm::{HostChange, vm_expunge, vm_fetch, vm_transition};
-use skyhold_db::Tx;
 use skyhold_proto::Command;
 use skyhold_types::ErrorCode;
 
@@ -63,7 +63,9 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                 }
                 match (vm.state.as_str(), vm.host_id.clone()) {
                     ("Running" | "Error", Some(h)) => {
-                        if !vm_transition(&mut tx, &vm.id, &[vm.state.as_str()], "Stopping", HostChange::Keep, None).await? {
+                        if !vm_transition(&mut tx, &vm.id, &[vm.state.as_str()], "Stopping", HostChange::Keep, None)
+                            .await?
+                        {
                             return Err(CoreError::LeaseLost);
                         }
                         ctx.save_step(&mut tx, 1, json!({ "host": h })).await?;
@@ -104,8 +106,10 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                     ctx.fail(&mut tx, ErrorCode::Internal, &format!("Unable to destroy VM: {m}")).await?;
                 }
                 AgentOutcome::Unreachable => {
-                    let text = format!("Unable to destroy VM: host {host} did not answer; the VM is still considered Running");
-                    vm_transition(&mut tx, ctx.vm_id(), &["Stopping"], "Running", HostChange::Keep, Some(&text)).await?;
+                    let text =
+                        format!("Unable to destroy VM: host {host} did not answer; the VM is still considered Running");
+                    vm_transition(&mut tx, ctx.vm_id(), &["Stopping"], "Running", HostChange::Keep, Some(&text))
+                        .await?;
                     ctx.fail(&mut tx, ErrorCode::ResourceUnavailable, &text).await?;
                 }
             }

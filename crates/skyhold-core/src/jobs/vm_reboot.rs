@@ -30,13 +30,28 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
         async {
             match &outcome {
                 AgentOutcome::Done(_) => {
-                    crate::events::record(&mut tx, &owner, "VM.REBOOT", "INFO", "Rebooted VM", Some(("VirtualMachine", ctx.vm_id()))).await?;
+                    crate::events::record(
+                        &mut tx,
+                        &owner,
+                        "VM.REBOOT",
+                        "INFO",
+                        "Rebooted VM",
+                        Some(("VirtualMachine", ctx.vm_id())),
+                    )
+                    .await?;
                     let r = ctx.vm_result(&mut tx).await?;
                     ctx.succeed(&mut tx, r).await?;
                 }
-                AgentOutcome::Failed(m) => ctx.fail(&mut tx, ErrorCode::Internal, &format!("Unable to reboot VM: {m}")).await?,
+                AgentOutcome::Failed(m) => {
+                    ctx.fail(&mut tx, ErrorCode::Internal, &format!("Unable to reboot VM: {m}")).await?
+                }
                 AgentOutcome::Unreachable => {
-                    ctx.fail(&mut tx, ErrorCode::ResourceUnavailable, &format!("Unable to reboot VM: host {host} did not answer")).await?
+                    ctx.fail(
+                        &mut tx,
+                        ErrorCode::ResourceUnavailable,
+                        &format!("Unable to reboot VM: host {host} did not answer"),
+                    )
+                    .await?
                 }
             }
             Ok::<_, CoreError>(Outcome::Done)

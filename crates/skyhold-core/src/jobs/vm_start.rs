@@ -8,8 +8,8 @@
 //! host: its real state is unknown, and invariant 7 forbids guessing.
 
 use super::{AgentOutcome, JobCtx, Outcome};
-use crate::placement::{HostCap, NoHost, Request, choose_host};
 use crate::CoreError;
+use crate::placement::{HostCap, NoHost, Request, choose_host};
 use serde_json::json;
 use skyhold_db::infra::{host_list, host_used_capacity_locked};
 use skyhold_db::retry_tx;
@@ -53,7 +53,12 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                     Planned::Replan => {
                         replans += 1;
                         if replans > 20 {
-                            return super::fail_job(ctx, ErrorCode::InsufficientCapacity, "Insufficient capacity: hosts kept filling up while placing the VM").await;
+                            return super::fail_job(
+                                ctx,
+                                ErrorCode::InsufficientCapacity,
+                                "Insufficient capacity: hosts kept filling up while placing the VM",
+                            )
+                            .await;
                         }
                     }
                 }
@@ -240,7 +245,15 @@ async fn finish(
                     if !vm_transition(&mut tx, ctx.vm_id(), &["Starting"], "Running", HostChange::Keep, None).await? {
                         return Err(CoreError::LeaseLost);
                     }
-                    crate::events::record(&mut tx, &owner, "VM.START", "INFO", format!("Started VM on host {host}"), Some(("VirtualMachine", ctx.vm_id()))).await?;
+                    crate::events::record(
+                        &mut tx,
+                        &owner,
+                        "VM.START",
+                        "INFO",
+                        format!("Started VM on host {host}"),
+                        Some(("VirtualMachine", ctx.vm_id())),
+                    )
+                    .await?;
                     let r = ctx.vm_result(&mut tx).await?;
                     ctx.succeed(&mut tx, r).await?;
                 }
@@ -249,7 +262,8 @@ async fn finish(
                         AgentOutcome::Failed(m) => m.clone(),
                         _ => "the host reported the VM stopped after starting it".to_string(),
                     };
-                    vm_transition(&mut tx, ctx.vm_id(), &["Starting"], "Stopped", HostChange::Clear, Some(&why)).await?;
+                    vm_transition(&mut tx, ctx.vm_id(), &["Starting"], "Stopped", HostChange::Clear, Some(&why))
+                        .await?;
                     let mut exclude: Vec<String> = state
                         .get("exclude")
                         .and_then(|v| v.as_array())
@@ -260,9 +274,18 @@ async fn finish(
                     if exclude.len() >= MAX_HOSTS_TRIED || required {
                         let text = format!("Unable to start VM: {why}");
                         if ctx.job.cmd == crate::vm::cmd::DEPLOY {
-                            vm_transition(&mut tx, ctx.vm_id(), &["Stopped"], "Error", HostChange::Keep, Some(&text)).await?;
+                            vm_transition(&mut tx, ctx.vm_id(), &["Stopped"], "Error", HostChange::Keep, Some(&text))
+                                .await?;
                         }
-                        crate::events::record(&mut tx, &owner, "VM.START", "ERROR", text.clone(), Some(("VirtualMachine", ctx.vm_id()))).await?;
+                        crate::events::record(
+                            &mut tx,
+                            &owner,
+                            "VM.START",
+                            "ERROR",
+                            text.clone(),
+                            Some(("VirtualMachine", ctx.vm_id())),
+                        )
+                        .await?;
                         ctx.fail(&mut tx, ErrorCode::Internal, &text).await?;
                     } else {
                         // Try another host: back to planning, remembering this one.
@@ -271,9 +294,18 @@ async fn finish(
                     }
                 }
                 AgentOutcome::Unreachable => {
-                    let text = format!("Unable to start VM: host {host} did not answer; the VM's state on it is unknown");
+                    let text =
+                        format!("Unable to start VM: host {host} did not answer; the VM's state on it is unknown");
                     vm_transition(&mut tx, ctx.vm_id(), &["Starting"], "Error", HostChange::Keep, Some(&text)).await?;
-                    crate::events::record(&mut tx, &owner, "VM.START", "ERROR", text.clone(), Some(("VirtualMachine", ctx.vm_id()))).await?;
+                    crate::events::record(
+                        &mut tx,
+                        &owner,
+                        "VM.START",
+                        "ERROR",
+                        text.clone(),
+                        Some(("VirtualMachine", ctx.vm_id())),
+                    )
+                    .await?;
                     ctx.fail(&mut tx, ErrorCode::ResourceUnavailable, &text).await?;
                 }
             }

@@ -69,7 +69,15 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                     if !vm_transition(&mut tx, ctx.vm_id(), &["Stopping"], "Stopped", HostChange::Clear, None).await? {
                         return Err(CoreError::LeaseLost);
                     }
-                    crate::events::record(&mut tx, &owner, "VM.STOP", "INFO", "Stopped VM", Some(("VirtualMachine", ctx.vm_id()))).await?;
+                    crate::events::record(
+                        &mut tx,
+                        &owner,
+                        "VM.STOP",
+                        "INFO",
+                        "Stopped VM",
+                        Some(("VirtualMachine", ctx.vm_id())),
+                    )
+                    .await?;
                     let r = ctx.vm_result(&mut tx).await?;
                     ctx.succeed(&mut tx, r).await?;
                 }
@@ -78,8 +86,10 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                     ctx.fail(&mut tx, ErrorCode::Internal, &format!("Unable to stop VM: {m}")).await?;
                 }
                 AgentOutcome::Unreachable => {
-                    let text = format!("Unable to stop VM: host {host} did not answer; the VM is still considered Running");
-                    vm_transition(&mut tx, ctx.vm_id(), &["Stopping"], "Running", HostChange::Keep, Some(&text)).await?;
+                    let text =
+                        format!("Unable to stop VM: host {host} did not answer; the VM is still considered Running");
+                    vm_transition(&mut tx, ctx.vm_id(), &["Stopping"], "Running", HostChange::Keep, Some(&text))
+                        .await?;
                     ctx.fail(&mut tx, ErrorCode::ResourceUnavailable, &text).await?;
                 }
             }

@@ -33,13 +33,9 @@ pub fn db_url(backend: Backend, dir: &Path) -> Option<String> {
             }
             _ => {
                 if std::env::var_os("CI").is_some() {
-                    panic!(
-                        "SKYHOLD_TEST_MYSQL_URL is not set under CI: scripts/test.sh must start MariaDB"
-                    );
+                    panic!("SKYHOLD_TEST_MYSQL_URL is not set under CI: scripts/test.sh must start MariaDB");
                 }
-                eprintln!(
-                    "skipping MariaDB test: SKYHOLD_TEST_MYSQL_URL is not set (scripts/test.sh sets it)"
-                );
+                eprintln!("skipping MariaDB test: SKYHOLD_TEST_MYSQL_URL is not set (scripts/test.sh sets it)");
                 None
             }
         },
@@ -69,10 +65,7 @@ impl Proc {
         let _ = self.child.wait();
     }
     pub fn term(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM);
     }
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let end = Instant::now() + within;
@@ -141,11 +134,7 @@ impl Drop for Cloud {
 
 pub fn run_ok(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).output().expect("run skyhold");
-    assert!(
-        out.status.success(),
-        "skyhold {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "skyhold {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -160,17 +149,7 @@ impl Cloud {
         let dir = tempfile::tempdir().expect("tempdir");
         let db_url = db_url(backend, dir.path())?;
         let d = dir.path().to_str().expect("utf8 path").to_string();
-        let out = run_ok(&[
-            "db",
-            "init",
-            "--seed",
-            "--data-dir",
-            &d,
-            "--db",
-            &db_url,
-            "--admin-password",
-            "password",
-        ]);
+        let out = run_ok(&["db", "init", "--seed", "--data-dir", &d, "--db", &db_url, "--admin-password", "password"]);
         let v: Value = serde_json::from_str(&out).expect("db init prints JSON");
         let admin = Creds {
             api_key: v["admin"]["apikey"].as_str().expect("apikey").into(),
@@ -209,25 +188,8 @@ impl Cloud {
         let f = std::fs::File::create(&log).expect("log file");
         let d = self.dir.path().to_str().expect("utf8").to_string();
         let child = Command::new(BIN)
-            .args([
-                "server",
-                "--data-dir",
-                &d,
-                "--db",
-                &self.db_url,
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args([
-                "--api-port",
-                "0",
-                "--agent-port",
-                "0",
-                "--cluster-port",
-                "0",
-                "--ms-id",
-                name,
-            ])
+            .args(["server", "--data-dir", &d, "--db", &self.db_url, "--bind", "127.0.0.1"])
+            .args(["--api-port", "0", "--agent-port", "0", "--cluster-port", "0", "--ms-id", name])
             .arg("--ports-file")
             .arg(&ports)
             .env("RUST_LOG", "info,sqlx=warn")
@@ -236,22 +198,13 @@ impl Cloud {
             .stderr(f)
             .spawn()
             .expect("spawn server");
-        let mut proc = Proc {
-            name: name.into(),
-            child,
-            log,
-        };
+        let mut proc = Proc { name: name.into(), child, log };
         let v = wait_for(Duration::from_secs(20), || {
-            std::fs::read_to_string(&ports)
-                .ok()
-                .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+            std::fs::read_to_string(&ports).ok().and_then(|s| serde_json::from_str::<Value>(&s).ok())
         });
         let Some(v) = v else {
             proc.kill9();
-            panic!(
-                "server {name} did not start: {}",
-                std::fs::read_to_string(&proc.log).unwrap_or_default()
-            );
+            panic!("server {name} did not start: {}", std::fs::read_to_string(&proc.log).unwrap_or_default());
         };
         let api = v["api"].as_u64().expect("api port") as u16;
         let agent = v["agent"].as_u64().expect("agent port") as u16;
@@ -260,19 +213,13 @@ impl Cloud {
             self.api_port = api;
         }
         let url = format!("http://127.0.0.1:{api}/ready");
-        wait_for(Duration::from_secs(20), || {
-            ureq::get(&url).call().ok().filter(|r| r.status() == 200)
-        })
-        .expect("server ready");
+        wait_for(Duration::from_secs(20), || ureq::get(&url).call().ok().filter(|r| r.status() == 200))
+            .expect("server ready");
         self.servers.len() - 1
     }
 
     pub fn agent_addrs(&self) -> String {
-        self.servers
-            .iter()
-            .map(|(_, _, a)| format!("127.0.0.1:{a}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.servers.iter().map(|(_, _, a)| format!("127.0.0.1:{a}")).collect::<Vec<_>>().join(",")
     }
 
     pub fn ledger(&self) -> PathBuf {
@@ -301,20 +248,13 @@ impl Cloud {
             .stderr(f)
             .spawn()
             .expect("spawn agent");
-        self.agents.push(Proc {
-            name: name.into(),
-            child,
-            log,
-        });
+        self.agents.push(Proc { name: name.into(), child, log });
     }
 
     pub fn wait_hosts_up(&self, n: usize) {
         let ok = wait_for(Duration::from_secs(20), || {
             let v = self.ok("listHosts", &[]);
-            let up = v["host"]
-                .as_array()
-                .map(|a| a.iter().filter(|h| h["state"] == "Up").count())
-                .unwrap_or(0);
+            let up = v["host"].as_array().map(|a| a.iter().filter(|h| h["state"] == "Up").count()).unwrap_or(0);
             (up >= n).then_some(())
         });
         assert!(ok.is_some(), "{n} hosts did not come up");
@@ -337,9 +277,7 @@ impl Cloud {
     /// Signed POST with every parameter in the form body.
     pub fn api_post(&self, cmd: &str, params: &[(&str, &str)]) -> (u16, Value) {
         let q = signed_query(&self.admin, cmd, params);
-        let r = ureq::post(&self.base())
-            .set("Content-Type", "application/x-www-form-urlencoded")
-            .send_string(&q);
+        let r = ureq::post(&self.base()).set("Content-Type", "application/x-www-form-urlencoded").send_string(&q);
         into(r)
     }
 
@@ -352,10 +290,7 @@ impl Cloud {
 
     /// Zone, template and the first offering with this name.
     pub fn ids(&self, offering: &str) -> (String, String, String) {
-        let z = self.ok("listZones", &[])["zone"][0]["id"]
-            .as_str()
-            .expect("zone")
-            .to_string();
+        let z = self.ok("listZones", &[])["zone"][0]["id"].as_str().expect("zone").to_string();
         let t = self.ok("listTemplates", &[("templatefilter", "featured")])["template"][0]["id"]
             .as_str()
             .expect("template")
@@ -391,12 +326,8 @@ impl Cloud {
     /// Deploy and wait; returns (vm id, job result).
     pub fn deploy(&self, name: &str, offering: &str, extra: &[(&str, &str)]) -> (String, Value) {
         let (z, t, o) = self.ids(offering);
-        let mut p = vec![
-            ("zoneid", z.as_str()),
-            ("templateid", t.as_str()),
-            ("serviceofferingid", o.as_str()),
-            ("name", name),
-        ];
+        let mut p =
+            vec![("zoneid", z.as_str()), ("templateid", t.as_str()), ("serviceofferingid", o.as_str()), ("name", name)];
         p.extend_from_slice(extra);
         let r = self.ok("deployVirtualMachine", &p);
         let id = r["id"].as_str().expect("vm id").to_string();
@@ -463,32 +394,21 @@ pub fn enc(v: &str) -> String {
 /// A signed query string (signature v3, expiring in 10 minutes).
 pub fn signed_query(who: &Creds, cmd: &str, params: &[(&str, &str)]) -> String {
     let expires = (chrono_like_now_plus(600)).to_string();
-    let mut all: Vec<(String, String)> = params
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let mut all: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     all.push(("command".into(), cmd.into()));
     all.push(("response".into(), "json".into()));
     all.push(("apiKey".into(), who.api_key.clone()));
     all.push(("signatureVersion".into(), "3".into()));
     all.push(("expires".into(), expires));
     sign_pairs(&mut all, &who.secret);
-    all.iter()
-        .map(|(k, v)| format!("{k}={}", enc(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    all.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect::<Vec<_>>().join("&")
 }
 
 /// Append `signature` to the pairs.
 pub fn sign_pairs(all: &mut Vec<(String, String)>, secret: &str) {
     let mut sorted = all.clone();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let s = sorted
-        .iter()
-        .map(|(k, v)| format!("{k}={}", enc(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-        .to_lowercase();
+    let s = sorted.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect::<Vec<_>>().join("&").to_lowercase();
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).expect("hmac");
     mac.update(s.as_bytes());
     let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
@@ -497,11 +417,7 @@ pub fn sign_pairs(all: &mut Vec<(String, String)>, secret: &str) {
 
 /// `yyyy-MM-ddTHH:mm:ss+0000`, `secs` from now (UTC), without a date library.
 pub fn chrono_like_now_plus(secs: i64) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64
-        + secs;
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64 + secs;
     let days = t.div_euclid(86_400);
     let rem = t.rem_euclid(86_400);
     let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
