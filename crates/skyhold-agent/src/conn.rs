@@ -63,6 +63,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()> + Send) ->
             SessionEnd::Lost(cause) => {
                 tracing::warn!(addr = %addr, %cause, "disconnected from management server");
             }
+            SessionEnd::Moved { to, reason } => {
+                tracing::info!(from = %addr, %to, %reason, "management server asked us to move");
+                addr = to.clone();
+                backoff.reset();
+                continue;
+            }
         }
         addr = book.next_after(&addr);
         let delay = backoff.next_delay();
@@ -104,6 +110,11 @@ enum SessionEnd {
     ConnectFailed(String),
     Refused(String),
     Lost(String),
+    /// The MS asked us to connect to another server.
+    Moved {
+        to: String,
+        reason: String,
+    },
 }
 
 /// One connection: connect, register, then serve until something breaks.
@@ -238,6 +249,7 @@ fn on_message(agent: &Arc<Agent>, book: &mut AddrBook, tx: &mpsc::Sender<AgentMs
             None
         }
         MsMsg::Refused { reason } => Some(SessionEnd::Refused(reason)),
+        MsMsg::Reconnect { addr, reason } => Some(SessionEnd::Moved { to: addr, reason }),
     }
 }
 
@@ -248,6 +260,7 @@ fn msg_kind(m: &MsMsg) -> &'static str {
         MsMsg::Command { .. } => "Command",
         MsMsg::Pong => "Pong",
         MsMsg::MgmtList { .. } => "MgmtList",
+        MsMsg::Reconnect { .. } => "Reconnect",
     }
 }
 

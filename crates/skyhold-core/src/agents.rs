@@ -77,6 +77,42 @@ impl AgentRegistry {
         self.hosts.lock().map(|h| h.contains_key(host_id)).unwrap_or(false)
     }
 
+    /// Ask every connected agent to move: agent i goes to `addrs[i % len]`. Returns how many.
+    pub fn reconnect_all(&self, addrs: &[String], reason: &str) -> usize {
+        if addrs.is_empty() {
+            return 0;
+        }
+        let conns = self.connections();
+        for (i, c) in conns.iter().enumerate() {
+            let msg = MsMsg::Reconnect { addr: addrs[i % addrs.len()].clone(), reason: reason.to_string() };
+            let _ = c.tx.try_send(msg);
+        }
+        conns.len()
+    }
+
+    /// Ask one agent (the one with the fewest hosts) to move to `addr`. Returns its id.
+    pub fn reconnect_one(&self, addr: &str, reason: &str) -> Option<String> {
+        let c = self.connections().into_iter().min_by_key(|c| self.hosts_of(c))?;
+        let _ = c.tx.try_send(MsMsg::Reconnect { addr: addr.to_string(), reason: reason.to_string() });
+        Some(c.agent_id.clone())
+    }
+
+    fn connections(&self) -> Vec<Arc<AgentConn>> {
+        let mut out: Vec<Arc<AgentConn>> = Vec::new();
+        if let Ok(h) = self.hosts.lock() {
+            for hc in h.values() {
+                if !out.iter().any(|c| Arc::ptr_eq(c, &hc.conn)) {
+                    out.push(hc.conn.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn hosts_of(&self, c: &Arc<AgentConn>) -> usize {
+        self.hosts.lock().map(|h| h.values().filter(|hc| Arc::ptr_eq(&hc.conn, c)).count()).unwrap_or(0)
+    }
+
     fn get(&self, host_id: &str) -> Option<HostConn> {
         self.hosts.lock().ok().and_then(|h| h.get(host_id).cloned())
     }
@@ -250,7 +286,7 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
         ms_id: ms_id.clone(),
         hosts: grants.clone(),
         ping_interval_ms: ping_ms,
-        mgmt_addrs: mgmt_addrs(&core),
+        mgmt_addrs: mgmt_addrs(&core, &agent_id),
     };
     write_msg(&mut wr, &welcome).await?;
 
@@ -333,8 +369,10 @@ fn conn_owns(core: &Core, host_id: &str, conn: &Arc<AgentConn>) -> bool {
     core.agents().get(host_id).is_some_and(|hc| Arc::ptr_eq(&hc.conn, conn))
 }
 
-/// Addresses handed to agents: the `host` setting, then this server.
-fn mgmt_addrs(core: &Core) -> Vec<String> {
+/// Addresses handed to agents: the `host` setting, this server and every live peer, ordered by
+/// `indirect.agent.lb.algorithm` (static: as listed; roundrobin: rotated by the agent's id so the
+/// agents of a failed server spread over the survivors; shuffle: a random order per agent).
+fn mgmt_addrs(core: &Core, agent_id: &str) -> Vec<String> {
     let mut out: Vec<String> = core
         .settings()
         .get(skyhold_types::settings::HOST)
@@ -344,10 +382,33 @@ fn mgmt_addrs(core: &Core) -> Vec<String> {
         .map(|s| if s.contains(':') { s } else { format!("{s}:{}", core.ms().agent_port) })
         .collect();
     let me = format!("{}:{}", core.ms().service_ip, core.ms().agent_port);
-    if !out.contains(&me) {
-        out.push(me);
+    let mut servers = vec![me];
+    servers.extend(core.peers().into_iter().map(|p| p.agent_addr));
+    servers.sort();
+    for s in servers {
+        if !out.contains(&s) {
+            out.push(s);
+        }
     }
-    out
+    order_addrs(&core.settings().get(skyhold_types::settings::AGENT_LB_ALGORITHM), agent_id, out)
+}
+
+/// Order an address list for one agent (pure; tested).
+pub fn order_addrs(algorithm: &str, agent_id: &str, mut addrs: Vec<String>) -> Vec<String> {
+    match algorithm {
+        "roundrobin" if !addrs.is_empty() => {
+            let h = agent_id.bytes().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(b as usize));
+            let k = h % addrs.len();
+            addrs.rotate_left(k);
+            addrs
+        }
+        "shuffle" => {
+            use rand::seq::SliceRandom;
+            addrs.shuffle(&mut rand::thread_rng());
+            addrs
+        }
+        _ => addrs,
+    }
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
@@ -358,5 +419,26 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 mod sha2_lite {
     pub fn sha256_hex(data: &[u8]) -> String {
         skyhold_db::crypto::sha256_hex(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::order_addrs;
+
+    #[test]
+    fn address_ordering() {
+        let l: Vec<String> = ["a:1", "b:1", "c:1"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(order_addrs("static", "x", l.clone()), l);
+        let rr: Vec<Vec<String>> =
+            (0..30).map(|i| order_addrs("roundrobin", &format!("agent-{i}"), l.clone())).collect();
+        // Round robin is stable per agent and spreads first choices over all servers.
+        assert_eq!(rr[3], order_addrs("roundrobin", "agent-3", l.clone()));
+        for a in &l {
+            assert!(rr.iter().any(|o| &o[0] == a), "{a} never first");
+        }
+        let mut s = order_addrs("shuffle", "x", l.clone());
+        s.sort();
+        assert_eq!(s, l);
     }
 }

@@ -13,7 +13,9 @@ pub mod events;
 pub mod housekeeping;
 pub mod jobs;
 pub mod membership;
+pub mod peer;
 pub mod placement;
+pub mod rebalance;
 pub mod settings;
 pub mod view;
 pub mod vm;
@@ -48,28 +50,44 @@ pub struct Core {
 struct Inner {
     db: Db,
     key: Key,
+    cluster_secret: String,
     ms: MsIdentity,
     settings: settings::Settings,
     agents: agents::AgentRegistry,
     jobs_wakeup: tokio::sync::Notify,
     shutting_down: AtomicBool,
+    exiting: AtomicBool,
     registered: AtomicBool,
     fenced: AtomicBool,
+    /// Live peers (id, peer address, agent address), refreshed by the membership monitor.
+    peers: std::sync::RwLock<Vec<PeerInfo>>,
+}
+
+/// A live peer as the membership monitor last saw it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub id: String,
+    pub peer_addr: String,
+    pub agent_addr: String,
 }
 
 impl Core {
-    pub fn new(db: Db, key: Key, ms: MsIdentity) -> Core {
+    /// `cluster_secret` authenticates the peer channel (decrypted from `cloud_meta`).
+    pub fn new(db: Db, key: Key, cluster_secret: String, ms: MsIdentity) -> Core {
         Core {
             inner: Arc::new(Inner {
                 db,
                 key,
+                cluster_secret,
                 ms,
                 settings: settings::Settings::default(),
                 agents: agents::AgentRegistry::default(),
                 jobs_wakeup: tokio::sync::Notify::new(),
                 shutting_down: AtomicBool::new(false),
+                exiting: AtomicBool::new(false),
                 registered: AtomicBool::new(false),
                 fenced: AtomicBool::new(false),
+                peers: std::sync::RwLock::new(Vec::new()),
             }),
         }
     }
@@ -79,6 +97,9 @@ impl Core {
     }
     pub fn key(&self) -> &Key {
         &self.inner.key
+    }
+    pub fn cluster_secret(&self) -> &str {
+        &self.inner.cluster_secret
     }
     pub fn ms(&self) -> &MsIdentity {
         &self.inner.ms
@@ -94,17 +115,58 @@ impl Core {
     pub fn wake_jobs(&self) {
         self.inner.jobs_wakeup.notify_one();
     }
+
+    /// Wake this server's executor and every live peer's (work was queued).
+    pub fn wake_cluster(&self) {
+        self.wake_jobs();
+        peer::wake_peers(self);
+    }
     pub(crate) async fn jobs_woken(&self) {
         self.inner.jobs_wakeup.notified().await
     }
 
-    /// This server stops taking new work (graceful shutdown).
+    /// This server stops taking new work (graceful shutdown, drain).
     pub fn begin_shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
         self.wake_jobs();
     }
+
+    /// The process is on its way out (SIGTERM): a drain can no longer be cancelled.
+    pub fn set_exiting(&self) {
+        self.inner.exiting.store(true, Ordering::SeqCst);
+        self.begin_shutdown();
+    }
+    pub fn is_exiting(&self) -> bool {
+        self.inner.exiting.load(Ordering::SeqCst)
+    }
+
+    /// Take new work again (`cancelShutdown`).
+    pub fn cancel_shutdown(&self) {
+        self.inner.shutting_down.store(false, Ordering::SeqCst);
+        self.wake_jobs();
+    }
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Who system events (membership, takeovers) belong to: the first administrator account.
+    pub async fn system_owner(&self) -> Result<events::EventOwner, CoreError> {
+        let mut c = self.db().conn().await?;
+        let admin = skyhold_db::account::user_list(&mut c).await?.into_iter().find(|u| u.account_type == 1);
+        Ok(match admin {
+            Some(u) => events::EventOwner { account_id: u.account_id, domain_id: u.domain_id, user_id: None },
+            None => events::EventOwner { account_id: String::new(), domain_id: String::new(), user_id: None },
+        })
+    }
+
+    /// Live peers as last seen by the membership monitor.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.inner.peers.read().map(|p| p.clone()).unwrap_or_default()
+    }
+    pub(crate) fn set_peers(&self, p: Vec<PeerInfo>) {
+        if let Ok(mut w) = self.inner.peers.write() {
+            *w = p;
+        }
     }
 
     /// Registered in `management_server` with a live heartbeat.

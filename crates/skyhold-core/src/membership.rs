@@ -66,8 +66,8 @@ pub async fn register(core: &Core) -> Result<(), CoreError> {
         heartbeat_age_ms: 0,
     };
     ms_register(&mut c, &row).await?;
-    // Jobs our previous run held are ours to resume now.
-    let n = skyhold_db::job::job_release_all_of(&mut c, &ms.id).await?;
+    // Jobs our previous run held are ours to resume now (generation bumped: that run is gone).
+    let n = skyhold_db::job::job_takeover_of(&mut c, &ms.id).await?;
     if n > 0 {
         tracing::info!(jobs = n, "resuming jobs left by this server's previous run");
     }
@@ -131,4 +131,156 @@ mod tests {
             assert!((super::self_fence_after(threshold).as_millis() as i64) < threshold);
         }
     }
+}
+
+/// The cluster monitor: every heartbeat interval, refresh the peer list, declare dead peers Down
+/// (a conditional update only one survivor wins) and take over their work, and follow this
+/// server's own row (a drain requested through the API or `skyhold cluster drain`).
+pub async fn monitor_loop(core: Core) {
+    loop {
+        let interval = core.settings().get_i64(CLUSTER_HEARTBEAT_INTERVAL).clamp(50, 60_000) as u64;
+        if core.is_registered()
+            && let Err(e) = monitor_once(&core).await
+        {
+            tracing::warn!(error = %e, "cluster monitor round failed");
+        }
+        tokio::time::sleep(Duration::from_millis(interval)).await;
+    }
+}
+
+async fn monitor_once(core: &Core) -> Result<(), CoreError> {
+    let threshold = core.settings().get_i64(CLUSTER_HEARTBEAT_THRESHOLD);
+    let list = {
+        let mut c = core.db().conn().await?;
+        ms_list(&mut c).await?
+    };
+    let peers: Vec<crate::PeerInfo> = list
+        .iter()
+        .filter(|m| m.id != core.ms().id && m.state == "Up" && m.heartbeat_age_ms < threshold)
+        .map(|m| crate::PeerInfo {
+            id: m.id.clone(),
+            peer_addr: format!("{}:{}", m.service_ip, m.cluster_port),
+            agent_addr: format!("{}:{}", m.service_ip, m.agent_port),
+        })
+        .collect();
+    core.set_peers(peers);
+    if core.is_fenced() {
+        return Ok(());
+    }
+    for m in list.iter().filter(|m| m.id != core.ms().id && m.state != "Down" && m.heartbeat_age_ms >= threshold) {
+        let won = {
+            let mut c = core.db().conn().await?;
+            skyhold_db::ms::ms_declare_down(&mut c, &m.id, &m.run_id, threshold).await?
+        };
+        if won {
+            takeover(core, m).await?;
+        }
+    }
+    if let Some(me) = list.iter().find(|m| m.id == core.ms().id) {
+        match me.state.as_str() {
+            "PreparingForShutdown" if !core.is_shutting_down() => {
+                tracing::info!("drain requested for this server");
+                let core = core.clone();
+                tokio::spawn(async move { drain(&core).await });
+            }
+            "Up" if core.is_shutting_down() && !core.is_exiting() => {
+                tracing::info!("drain cancelled; taking work again");
+                core.cancel_shutdown();
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Take over a peer just declared Down: its unfinished jobs (generation bumped, so its late
+/// writes change nothing) become claimable at once, its hosts are Disconnected while their agents
+/// reconnect elsewhere (not Down), its locks are freed.
+async fn takeover(core: &Core, dead: &skyhold_db::ms::MgmtServer) -> Result<(), CoreError> {
+    let owner = core.system_owner().await?;
+    let (jobs, hosts) = skyhold_db::retry_tx!(core.db(), |tx| {
+        async {
+            let jobs = skyhold_db::job::job_takeover_of(&mut tx, &dead.id).await?;
+            let hosts = skyhold_db::infra::host_release_of(&mut tx, &dead.id).await?;
+            skyhold_db::ms::lock_release_all_of(&mut tx, &dead.id).await?;
+            crate::events::record(
+                &mut tx,
+                &owner,
+                "MANAGEMENT.SERVER.DOWN",
+                "WARN",
+                format!(
+                    "Management server {} (run {}) declared Down by {} after {} ms without heartbeat; \
+                     {jobs} job(s) taken over, {hosts} host(s) awaiting their agents",
+                    dead.id,
+                    dead.run_id,
+                    core.ms().id,
+                    dead.heartbeat_age_ms
+                ),
+                Some(("ManagementServer", &dead.id)),
+            )
+            .await?;
+            Ok::<_, CoreError>((jobs, hosts))
+        }
+        .await
+    })?;
+    tracing::warn!(
+        peer = %dead.id,
+        run_id = %dead.run_id,
+        heartbeat_age_ms = dead.heartbeat_age_ms,
+        jobs,
+        hosts,
+        "management server declared Down; took over its work"
+    );
+    core.wake_cluster();
+    Ok(())
+}
+
+/// Drain this server: stop taking jobs (readiness answers 503), hand its agents to peers, let
+/// running jobs finish (bounded), hand the rest back, and end in ReadyForShutdown.
+pub async fn drain(core: &Core) {
+    core.begin_shutdown();
+    let _ = set_state(core, "PreparingForShutdown").await;
+    if let Ok(owner) = core.system_owner().await
+        && let Ok(mut c) = core.db().conn().await
+    {
+        let _ = crate::events::record(
+            &mut c,
+            &owner,
+            "MANAGEMENT.SERVER.DRAIN",
+            "INFO",
+            format!("Management server {} is draining", core.ms().id),
+            Some(("ManagementServer", &core.ms().id)),
+        )
+        .await;
+    }
+    let peers: Vec<String> = core.peers().into_iter().map(|p| p.agent_addr).collect();
+    let moved = core.agents().reconnect_all(&peers, "management server is shutting down");
+    tracing::info!(agents = moved, peers = peers.len(), "draining: handed agents to peers; finishing running jobs");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let running = async {
+            let mut c = core.db().conn().await?;
+            skyhold_db::job::job_count_running(&mut c, &core.ms().id).await
+        }
+        .await
+        .unwrap_or(0);
+        if running == 0 || tokio::time::Instant::now() >= deadline || !core.is_shutting_down() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !core.is_shutting_down() {
+        return; // cancelled meanwhile
+    }
+    if let Ok(mut c) = core.db().conn().await {
+        match skyhold_db::job::job_takeover_of(&mut c, &core.ms().id).await {
+            Ok(n) if n > 0 => tracing::info!(jobs = n, "handed unfinished jobs to the other servers"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not hand jobs back"),
+        }
+        let _ = skyhold_db::ms::lock_release_all_of(&mut c, &core.ms().id).await;
+    }
+    core.wake_cluster();
+    let _ = set_state(core, "ReadyForShutdown").await;
+    tracing::info!("drained: ready for shutdown");
 }

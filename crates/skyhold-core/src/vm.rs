@@ -250,7 +250,7 @@ impl Core {
             }
             .await
         })?;
-        self.wake_jobs();
+        self.wake_cluster();
         Ok((vm_id, job_id))
     }
 
@@ -304,7 +304,7 @@ impl Core {
             }
             .await
         })?;
-        self.wake_jobs();
+        self.wake_cluster();
         Ok(job_id)
     }
 

@@ -629,3 +629,31 @@ pub async fn template_list(c: &mut dyn Sql) -> Result<Vec<Template>, DbError> {
         })
         .collect()
 }
+
+/// Hosts whose connection a dead server held: Disconnected (not Down: their agents are
+/// reconnecting elsewhere), owner cleared. Returns how many.
+pub async fn host_release_of(c: &mut dyn Sql, ms_id: &str) -> Result<u64, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query(
+        "UPDATE host SET status = 'Disconnected', mgmt_server_id = NULL WHERE mgmt_server_id = ? AND removed_ms IS NULL",
+    )
+    .bind(ms_id)
+    .execute(conn)
+    .await
+    .ctx("release hosts of a dead server")?
+    .rows_affected();
+    Ok(n)
+}
+
+/// Connected agents per management server: (ms id, distinct agents, hosts).
+pub async fn host_agents_per_ms(c: &mut dyn Sql) -> Result<Vec<(String, i64, i64)>, DbError> {
+    let (conn, _) = c.parts();
+    let rows = sqlx::query(
+        "SELECT mgmt_server_id, COUNT(DISTINCT agent_id) AS agents, COUNT(*) AS hosts FROM host \
+         WHERE mgmt_server_id IS NOT NULL AND removed_ms IS NULL AND status = 'Up' GROUP BY mgmt_server_id",
+    )
+    .fetch_all(conn)
+    .await
+    .ctx("count agents per server")?;
+    rows.iter().map(|r| Ok((get_str(r, "mgmt_server_id")?, get_i64(r, "agents")?, get_i64(r, "hosts")?))).collect()
+}

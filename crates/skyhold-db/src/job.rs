@@ -299,3 +299,27 @@ pub async fn job_purge(c: &mut dyn Sql, age_ms: i64) -> Result<u64, DbError> {
         .rows_affected();
     Ok(n)
 }
+
+/// Take over the unfinished jobs of a server declared down: bump each job's generation (so the
+/// dead owner's late writes change nothing) and free its lease for immediate claiming.
+pub async fn job_takeover_of(c: &mut dyn Sql, ms_id: &str) -> Result<u64, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query(
+        "UPDATE async_job SET owner_ms = NULL, lease_until_ms = 0, lease_gen = lease_gen + 1 WHERE owner_ms = ? AND status = 0",
+    )
+    .bind(ms_id)
+    .execute(conn)
+    .await
+    .ctx("take over jobs")?
+    .rows_affected();
+    Ok(n)
+}
+
+/// Unfinished jobs waiting to be claimed (not owned).
+pub async fn job_count_unowned(c: &mut dyn Sql) -> Result<i64, DbError> {
+    let (conn, _) = c.parts();
+    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM async_job WHERE status = 0 AND owner_ms IS NULL")
+        .fetch_one(conn)
+        .await
+        .ctx("count waiting jobs")
+}

@@ -288,6 +288,14 @@ CREATE TABLE event (
 ){engine};
 CREATE INDEX event_account ON event (account_id, seq);
 
+CREATE TABLE cluster_lock (
+  name VARCHAR(128) NOT NULL PRIMARY KEY,
+  holder_ms VARCHAR(64),
+  holder_run VARCHAR(64),
+  gen BIGINT NOT NULL,
+  lease_until_ms BIGINT NOT NULL
+){engine};
+
 CREATE TABLE management_server (
   id VARCHAR(64) NOT NULL PRIMARY KEY,
   run_id VARCHAR(64) NOT NULL,

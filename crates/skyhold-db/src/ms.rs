@@ -122,3 +122,170 @@ pub async fn ms_list(c: &mut dyn Sql) -> Result<Vec<MgmtServer>, DbError> {
         })
         .collect()
 }
+
+/// Declare a peer Down if its heartbeat is older than `threshold_ms` on the database clock. One
+/// conditional update: among all survivors trying at once, exactly one wins (returns true) and
+/// runs the takeover.
+pub async fn ms_declare_down(c: &mut dyn Sql, id: &str, run_id: &str, threshold_ms: i64) -> Result<bool, DbError> {
+    let (conn, dl) = c.parts();
+    let n = sqlx::query(&sql(
+        dl,
+        "UPDATE management_server SET state = 'Down' WHERE id = ? AND run_id = ? AND state <> 'Down' \
+         AND last_heartbeat_ms < {now} - ?",
+    ))
+    .bind(id)
+    .bind(run_id)
+    .bind(threshold_ms)
+    .execute(conn)
+    .await
+    .ctx("declare management server down")?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// This run's row as the database has it (state, run id).
+pub async fn ms_fetch(c: &mut dyn Sql, id: &str) -> Result<Option<MgmtServer>, DbError> {
+    Ok(ms_list(c).await?.into_iter().find(|m| m.id == id))
+}
+
+/// A named cluster-wide lock with a lease and a generation (fencing token).
+#[derive(Debug, Clone)]
+pub struct LockGrant {
+    pub name: String,
+    pub gen_: i64,
+}
+
+/// Take or renew the lock `name` for this run for `lease_ms`. Succeeds if the lock is free,
+/// expired, or already ours; a takeover from another holder bumps the generation.
+pub async fn lock_acquire(
+    c: &mut dyn Sql,
+    name: &str,
+    ms_id: &str,
+    run_id: &str,
+    lease_ms: i64,
+) -> Result<Option<LockGrant>, DbError> {
+    let (conn, dl) = c.parts();
+    let renewed = sqlx::query(&sql(
+        dl,
+        "UPDATE cluster_lock SET lease_until_ms = {now} + ? WHERE name = ? AND holder_ms = ? AND holder_run = ? \
+         AND lease_until_ms >= {now}",
+    ))
+    .bind(lease_ms)
+    .bind(name)
+    .bind(ms_id)
+    .bind(run_id)
+    .execute(&mut *conn)
+    .await
+    .ctx("renew cluster lock")?
+    .rows_affected();
+    if renewed == 0 {
+        let taken = sqlx::query(&sql(
+            dl,
+            "UPDATE cluster_lock SET holder_ms = ?, holder_run = ?, gen = gen + 1, lease_until_ms = {now} + ? \
+             WHERE name = ? AND (lease_until_ms < {now} OR holder_ms IS NULL)",
+        ))
+        .bind(ms_id)
+        .bind(run_id)
+        .bind(lease_ms)
+        .bind(name)
+        .execute(&mut *conn)
+        .await
+        .ctx("take cluster lock")?
+        .rows_affected();
+        if taken == 0 {
+            let exists = sqlx::query("SELECT COUNT(*) AS n FROM cluster_lock WHERE name = ?")
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await
+                .ctx("inspect cluster lock")?;
+            if get_i64(&exists, "n")? > 0 {
+                return Ok(None);
+            }
+            let ins = sqlx::query(&sql(
+                dl,
+                "INSERT INTO cluster_lock (name, holder_ms, holder_run, gen, lease_until_ms) VALUES (?, ?, ?, 1, {now} + ?)",
+            ))
+            .bind(name)
+            .bind(ms_id)
+            .bind(run_id)
+            .bind(lease_ms)
+            .execute(&mut *conn)
+            .await;
+            match ins {
+                Ok(_) => {}
+                Err(e) => {
+                    let e = DbError::Sql { what: "create cluster lock", source: e };
+                    if e.is_unique_violation() {
+                        return Ok(None);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    let r = sqlx::query("SELECT gen FROM cluster_lock WHERE name = ? AND holder_ms = ? AND holder_run = ?")
+        .bind(name)
+        .bind(ms_id)
+        .bind(run_id)
+        .fetch_optional(conn)
+        .await
+        .ctx("read cluster lock")?;
+    r.map(|r| Ok(LockGrant { name: name.to_string(), gen_: get_i64(&r, "gen")? })).transpose()
+}
+
+/// Release a lock held by this run (no-op otherwise).
+pub async fn lock_release(c: &mut dyn Sql, name: &str, ms_id: &str, run_id: &str) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query(
+        "UPDATE cluster_lock SET holder_ms = NULL, holder_run = NULL, lease_until_ms = 0 WHERE name = ? AND holder_ms = ? AND holder_run = ?",
+    )
+    .bind(name)
+    .bind(ms_id)
+    .bind(run_id)
+    .execute(conn)
+    .await
+    .ctx("release cluster lock")?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Release every lock a server holds (it was declared down).
+pub async fn lock_release_all_of(c: &mut dyn Sql, ms_id: &str) -> Result<u64, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query(
+        "UPDATE cluster_lock SET holder_ms = NULL, holder_run = NULL, lease_until_ms = 0 WHERE holder_ms = ?",
+    )
+    .bind(ms_id)
+    .execute(conn)
+    .await
+    .ctx("release cluster locks")?
+    .rows_affected();
+    Ok(n)
+}
+
+/// Ask a server to drain (`prepareForShutdown`, `skyhold cluster drain`): Up -> PreparingForShutdown.
+/// The server notices within one heartbeat interval.
+pub async fn ms_request_drain(c: &mut dyn Sql, id: &str) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query("UPDATE management_server SET state = 'PreparingForShutdown' WHERE id = ? AND state = 'Up'")
+        .bind(id)
+        .execute(conn)
+        .await
+        .ctx("request drain")?
+        .rows_affected();
+    Ok(n == 1)
+}
+
+/// Cancel a drain (`cancelShutdown`): PreparingForShutdown/ReadyForShutdown -> Up.
+pub async fn ms_cancel_drain(c: &mut dyn Sql, id: &str) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query(
+        "UPDATE management_server SET state = 'Up' WHERE id = ? AND state IN ('PreparingForShutdown', 'ReadyForShutdown')",
+    )
+    .bind(id)
+    .execute(conn)
+    .await
+    .ctx("cancel drain")?
+    .rows_affected();
+    Ok(n == 1)
+}

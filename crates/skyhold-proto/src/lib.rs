@@ -148,6 +148,9 @@ pub enum MsMsg {
     Pong,
     /// A new list of management server addresses.
     MgmtList { addrs: Vec<String> },
+    /// Leave this server now and connect to `addr` (draining, or rebalancing agents onto a server
+    /// that joined). The agent closes the connection and connects to `addr` without back-off.
+    Reconnect { addr: String, reason: String },
 }
 
 /// Errors while reading or writing protocol lines.

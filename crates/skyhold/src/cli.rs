@@ -29,6 +29,40 @@ pub enum Cmd {
     Db(DbArgs),
     /// Manage accounts.
     Account(AccountArgs),
+    /// Inspect and steer the management server cluster.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    pub action: ClusterAction,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum ClusterAction {
+    /// Every management server with its state, heartbeat age, run id, agents and running jobs.
+    Status {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a server: no new jobs, agents to peers, jobs finished or handed over.
+    Drain {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Management server id.
+        id: String,
+    },
+    /// Cancel a drain.
+    Cancel {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Management server id.
+        id: String,
+    },
 }
 
 /// Where the database is and where the node keeps its files.

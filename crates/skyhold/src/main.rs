@@ -4,6 +4,7 @@
 
 mod agent_cmd;
 mod cli;
+mod cluster_cmd;
 mod config;
 mod db_cmd;
 mod demo;
@@ -35,6 +36,7 @@ fn main() -> std::process::ExitCode {
             cli::Cmd::Agent(a) => agent_cmd::run(a).await,
             cli::Cmd::Db(a) => db_cmd::run(a).await,
             cli::Cmd::Account(a) => db_cmd::account(a).await,
+            cli::Cmd::Cluster(a) => cluster_cmd::run(a).await,
         }
     });
     match res {

@@ -6,7 +6,6 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 use skyhold_core::{Core, MsIdentity, bootstrap, membership};
 use std::net::SocketAddr;
-use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Exit code when this server's membership was taken over (CloudStack exits 219 likewise).
@@ -62,7 +61,14 @@ pub async fn run(a: ServerArgs) -> Result<u8> {
         agent_port: ports.1,
         cluster_port: ports.2,
     };
-    let core = Core::new(db, key, ident);
+    let cluster_secret = {
+        let mut c = db.conn().await?;
+        let enc = skyhold_db::config::meta_get(&mut c, "cluster_secret")
+            .await?
+            .ok_or_else(|| anyhow!("the database has no cluster secret: run `skyhold db init`"))?;
+        key.decrypt(&enc)?
+    };
+    let core = Core::new(db, key, cluster_secret, ident);
     core.settings().refresh(core.db()).await?;
     membership::register(&core).await.map_err(|e| anyhow!("{e}"))?;
 
@@ -70,7 +76,9 @@ pub async fn run(a: ServerArgs) -> Result<u8> {
     tokio::spawn(skyhold_core::jobs::run_executor(core.clone()));
     tokio::spawn(skyhold_core::housekeeping::run(core.clone()));
     tokio::spawn(skyhold_core::agents::serve(core.clone(), agent_l));
-    tokio::spawn(peer_placeholder(cluster_l));
+    tokio::spawn(skyhold_core::peer::serve(core.clone(), cluster_l));
+    tokio::spawn(membership::monitor_loop(core.clone()));
+    tokio::spawn(skyhold_core::rebalance::run(core.clone()));
     let app = skyhold_api::router(core.clone());
     let api_task = tokio::spawn(async move { axum::serve(api_l, app).await });
     let mut hb = tokio::spawn(membership::heartbeat_loop(core.clone()));
@@ -99,43 +107,14 @@ pub async fn run(a: ServerArgs) -> Result<u8> {
     Ok(code)
 }
 
-/// Stop taking work, let running jobs finish (bounded), hand the rest back, leave the cluster.
+/// SIGTERM: drain (no new jobs, agents to peers, running jobs finish or are handed over), then
+/// leave the cluster.
 async fn graceful(core: &Core) {
-    tracing::info!("shutting down: no new jobs; finishing running ones");
-    core.begin_shutdown();
-    let _ = membership::set_state(core, "PreparingForShutdown").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let running = async {
-            let mut c = core.db().conn().await?;
-            skyhold_db::job::job_count_running(&mut c, &core.ms().id).await
-        }
-        .await
-        .unwrap_or(0);
-        if running == 0 || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if let Ok(mut c) = core.db().conn().await {
-        match skyhold_db::job::job_release_all_of(&mut c, &core.ms().id).await {
-            Ok(n) if n > 0 => tracing::info!(jobs = n, "handed unfinished jobs back for another server"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not release jobs"),
-        }
-    }
+    tracing::info!("SIGTERM: draining before exit");
+    core.set_exiting();
+    membership::drain(core).await;
     let _ = membership::set_state(core, "Down").await;
     tracing::info!("management server stopped");
-}
-
-/// The peer port is bound (and reported) so operators can plan for it; the authenticated peer
-/// channel that forwards agent commands between servers is the cluster work (ARCHITECTURE.md).
-async fn peer_placeholder(l: TcpListener) {
-    loop {
-        if let Ok((s, _)) = l.accept().await {
-            drop(s);
-        }
-    }
 }
 
 fn hostname() -> String {

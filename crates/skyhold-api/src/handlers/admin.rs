@@ -277,3 +277,36 @@ pub async fn list_regions(ctx: &Ctx<'_>) -> HResult {
     let ep = format!("http://{}:{}/client/", ctx.core.ms().service_ip, ctx.core.ms().api_port);
     Ok(Reply::list("region", vec![json!({ "id": 1, "name": "Local", "endpoint": ep })], 1))
 }
+
+/// `prepareForShutdown`, `cancelShutdown`, `readyForShutdown`: the target server follows its row
+/// within one heartbeat interval (whichever server receives the call).
+pub async fn shutdown(ctx: &Ctx<'_>) -> HResult {
+    let id = ctx.p.req("managementserverid")?.to_string();
+    let mut c = ctx.core.db().conn().await.map_err(db)?;
+    let Some(ms) = skyhold_db::ms::ms_fetch(&mut c, &id).await.map_err(db)? else {
+        return Err(CsError::param(format!("Unable to find management server with specified id {id}")));
+    };
+    match ctx.name {
+        "prepareForShutdown" => {
+            if ms.state == "Down" {
+                return Err(CsError::param(format!("management server {id} is Down")));
+            }
+            skyhold_db::ms::ms_request_drain(&mut c, &id).await.map_err(db)?;
+        }
+        "cancelShutdown" => {
+            skyhold_db::ms::ms_cancel_drain(&mut c, &id).await.map_err(db)?;
+        }
+        _ => {}
+    }
+    let ms = skyhold_db::ms::ms_fetch(&mut c, &id).await.map_err(db)?.unwrap_or(ms);
+    let pending = skyhold_db::job::job_count_running(&mut c, &id).await.map_err(db)?;
+    Ok(Reply::Obj(json!({
+        "readyforshutdown": {
+            "managementserverid": ms.id,
+            "state": ms.state,
+            "shutdowntriggered": matches!(ms.state.as_str(), "PreparingForShutdown" | "ReadyForShutdown"),
+            "readyforshutdown": ms.state == "ReadyForShutdown",
+            "pendingjobscount": pending,
+        }
+    })))
+}

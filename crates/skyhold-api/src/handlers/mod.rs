@@ -63,6 +63,7 @@ pub async fn dispatch(ctx: &Ctx<'_>) -> HResult {
         "updateConfiguration" => admin::update_configuration(ctx).await,
         "listEvents" => admin::list_events(ctx).await,
         "listManagementServers" => admin::list_management_servers(ctx).await,
+        "prepareForShutdown" | "cancelShutdown" | "readyForShutdown" => admin::shutdown(ctx).await,
         "listDomains" => admin::list_domains(ctx).await,
         "listAccounts" => admin::list_accounts(ctx).await,
         "listUsers" => admin::list_users(ctx).await,

@@ -109,15 +109,56 @@ impl JobCtx {
             if left.is_zero() {
                 return Ok(AgentOutcome::Unreachable);
             }
-            match self.core.agent_send(host_id, &self.job.id, step, cmd.clone(), left).await {
-                Ok(CommandResult::Ok { state }) => return Ok(AgentOutcome::Done(state)),
-                Ok(CommandResult::Failed { message }) => return Ok(AgentOutcome::Failed(message)),
-                Ok(CommandResult::StaleGeneration { .. }) | Ok(CommandResult::UnknownHost) => {}
+            let sent = match self.core.agent_send(host_id, &self.job.id, step, cmd.clone(), left).await {
+                Err(SendError::NotConnected(_)) => self.forward(host_id, step, &cmd, left).await,
+                other => other.map(Some),
+            };
+            match sent {
+                Ok(Some(CommandResult::Ok { state })) => return Ok(AgentOutcome::Done(state)),
+                Ok(Some(CommandResult::Failed { message })) => return Ok(AgentOutcome::Failed(message)),
+                Ok(Some(CommandResult::StaleGeneration { .. } | CommandResult::UnknownHost)) | Ok(None) => {}
                 Err(SendError::Fenced) => return Err(CoreError::LeaseLost),
                 Err(_) => {}
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+impl JobCtx {
+    /// The host is connected to another server: ask that server (peer channel) to send it.
+    /// `Ok(None)` when nobody holds the host right now (its agent is reconnecting).
+    async fn forward(
+        &self,
+        host_id: &str,
+        step: u32,
+        cmd: &Command,
+        left: Duration,
+    ) -> Result<Option<CommandResult>, SendError> {
+        if self.core.is_fenced() {
+            return Err(SendError::Fenced);
+        }
+        let owner = async {
+            let mut c = self.core.db().conn().await?;
+            skyhold_db::infra::host_fetch(&mut c, host_id).await
+        }
+        .await
+        .ok()
+        .flatten()
+        .and_then(|h| h.mgmt_server_id);
+        let Some(owner) = owner.filter(|o| o != &self.core.ms().id) else { return Ok(None) };
+        let Some(peer) = self.core.peers().into_iter().find(|p| p.id == owner) else { return Ok(None) };
+        let req = crate::peer::PeerReq::Forward {
+            host_id: host_id.to_string(),
+            job_id: self.job.id.clone(),
+            step,
+            cmd: cmd.clone(),
+            timeout_ms: left.as_millis() as u64,
+        };
+        match crate::peer::call(&self.core, &peer.id, &peer.peer_addr, req, left + Duration::from_secs(1)).await {
+            Ok(crate::peer::PeerResp::Result { result }) => Ok(Some(result)),
+            _ => Ok(None),
         }
     }
 }
