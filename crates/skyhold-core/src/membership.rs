@@ -123,16 +123,6 @@ pub async fn set_state(core: &Core, state: &str) -> Result<(), CoreError> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn self_fence_precedes_takeover() {
-        for threshold in [100i64, 2500, 10_000, 150_000] {
-            assert!((super::self_fence_after(threshold).as_millis() as i64) < threshold);
-        }
-    }
-}
-
 /// The cluster monitor: every heartbeat interval, refresh the peer list, declare dead peers Down
 /// (a conditional update only one survivor wins) and take over their work, and follow this
 /// server's own row (a drain requested through the API or `skyhold cluster drain`).
@@ -283,4 +273,14 @@ pub async fn drain(core: &Core) {
     core.wake_cluster();
     let _ = set_state(core, "ReadyForShutdown").await;
     tracing::info!("drained: ready for shutdown");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn self_fence_precedes_takeover() {
+        for threshold in [100i64, 2500, 10_000, 150_000] {
+            assert!((super::self_fence_after(threshold).as_millis() as i64) < threshold);
+        }
+    }
 }
