@@ -38,6 +38,8 @@ struct AgentConn {
     tx: mpsc::Sender<MsMsg>,
     pending: Mutex<HashMap<u64, oneshot::Sender<CommandResult>>>,
     agent_id: String,
+    /// Notified to close the connection from outside (self-fencing).
+    close: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
@@ -95,6 +97,19 @@ impl AgentRegistry {
         let c = self.connections().into_iter().min_by_key(|c| self.hosts_of(c))?;
         let _ = c.tx.try_send(MsMsg::Reconnect { addr: addr.to_string(), reason: reason.to_string() });
         Some(c.agent_id.clone())
+    }
+
+    /// Drop every agent connection (a fenced server must not keep agents it may not command:
+    /// they reconnect to the next server on their list).
+    pub fn close_all(&self) -> usize {
+        let conns = self.connections();
+        if let Ok(mut h) = self.hosts.lock() {
+            h.clear();
+        }
+        for c in &conns {
+            c.close.notify_one();
+        }
+        conns.len()
     }
 
     fn connections(&self) -> Vec<Arc<AgentConn>> {
@@ -291,7 +306,12 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
     write_msg(&mut wr, &welcome).await?;
 
     let (tx, mut rx) = mpsc::channel::<MsMsg>(1024);
-    let conn = Arc::new(AgentConn { tx, pending: Mutex::new(HashMap::new()), agent_id: agent_id.clone() });
+    let conn = Arc::new(AgentConn {
+        tx,
+        pending: Mutex::new(HashMap::new()),
+        agent_id: agent_id.clone(),
+        close: tokio::sync::Notify::new(),
+    });
     let by_guid: HashMap<String, (String, i64)> =
         grants.iter().map(|g| (g.guid.clone(), (g.host_id.clone(), g.generation as i64))).collect();
     for g in &grants {
@@ -314,9 +334,10 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
     let silence = Duration::from_millis(ping_ms * 3 + 2000);
     let res: Result<(), ConnError> = async {
         loop {
-            let msg: AgentMsg = tokio::time::timeout(silence, read_msg(&mut rd, &mut buf))
-                .await
-                .map_err(|_| ConnError::Silent(silence))??;
+            let msg: AgentMsg = tokio::select! {
+                r = tokio::time::timeout(silence, read_msg(&mut rd, &mut buf)) => r.map_err(|_| ConnError::Silent(silence))??,
+                _ = conn.close.notified() => return Err(ConnError::Refused("closed by this server (self-fenced)".into())),
+            };
             match msg {
                 AgentMsg::Answer { req, result } => {
                     let waiter = conn.pending.lock().ok().and_then(|mut p| p.remove(&req));

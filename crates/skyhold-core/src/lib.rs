@@ -10,6 +10,7 @@ pub mod agents;
 pub mod bootstrap;
 pub mod error;
 pub mod events;
+pub mod failpoint;
 pub mod housekeeping;
 pub mod jobs;
 pub mod membership;

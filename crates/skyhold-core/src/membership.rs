@@ -30,25 +30,34 @@ pub async fn register(core: &Core) -> Result<(), CoreError> {
     let ms = core.ms();
     let threshold = core.settings().get_i64(CLUSTER_HEARTBEAT_THRESHOLD);
     let mut c = core.db().conn().await?;
-    if let Some(other) = ms_list(&mut c).await?.into_iter().find(|m| m.id == ms.id)
-        && other.run_id != ms.run_id
-        && other.state != "Down"
-        && other.heartbeat_age_ms < threshold
-    {
-        tracing::error!(
-            ms_id = %ms.id,
-            "Management server id is not unique: another live process (run {}) heartbeats as {} from {}; \
-             give this node its own id (--ms-id or a separate --data-dir)",
-            other.run_id, ms.id, other.service_ip
-        );
-        return Err(CoreError::Cs(CsError::new(
-            ErrorCode::Internal,
-            format!(
-                "Management server id is not unique: {} is already running (run {}, heartbeat {} ms ago); \
+    // A previous run of this id whose heartbeat is still fresh may be a crashed process (stale
+    // soon) or a live one (heartbeat advancing): watch it until the threshold has passed.
+    let mut seen: Option<i64> = None;
+    loop {
+        let Some(other) = ms_list(&mut c).await?.into_iter().find(|m| m.id == ms.id) else { break };
+        if other.run_id == ms.run_id || other.state == "Down" || other.heartbeat_age_ms >= threshold {
+            break;
+        }
+        if seen.is_some_and(|t| t != other.last_heartbeat_ms) {
+            tracing::error!(
+                ms_id = %ms.id,
+                "Management server id is not unique: another live process (run {}) heartbeats as {} from {}; \
                  give this node its own id (--ms-id or a separate --data-dir)",
-                ms.id, other.run_id, other.heartbeat_age_ms
-            ),
-        )));
+                other.run_id, ms.id, other.service_ip
+            );
+            return Err(CoreError::Cs(CsError::new(
+                ErrorCode::Internal,
+                format!(
+                    "Management server id is not unique: {} is already running (run {}, heartbeat {} ms ago); \
+                     give this node its own id (--ms-id or a separate --data-dir)",
+                    ms.id, other.run_id, other.heartbeat_age_ms
+                ),
+            )));
+        }
+        seen = Some(other.last_heartbeat_ms);
+        let wait = (threshold - other.heartbeat_age_ms).clamp(50, 1000) as u64;
+        tracing::info!(ms_id = %ms.id, wait_ms = wait, "a previous run of this id heartbeated recently; checking whether it is alive");
+        tokio::time::sleep(Duration::from_millis(wait)).await;
     }
     let row = MgmtServer {
         id: ms.id.clone(),
@@ -111,6 +120,12 @@ pub async fn heartbeat_loop(core: Core) -> MembershipEnd {
                 "heartbeat not renewed in time: self-fencing (no new jobs, no agent commands)"
             );
             core.set_fenced(true);
+            // Agents must not wait on a server that may not command them: send them to a peer,
+            // or drop them so they try the next address on their list.
+            let peers: Vec<String> = core.peers().into_iter().map(|p| p.agent_addr).collect();
+            let moved = core.agents().reconnect_all(&peers, "management server self-fenced");
+            let closed = core.agents().close_all();
+            tracing::error!(moved, closed, "self-fenced: released agent connections");
         }
         tokio::time::sleep(Duration::from_millis(interval)).await;
     }

@@ -64,6 +64,7 @@ impl JobCtx {
         if !job_save_step(tx, &self.job.id, self.gen_, step, &s).await? {
             return Err(CoreError::LeaseLost);
         }
+        crate::failpoint::hit("after_step_saved");
         Ok(())
     }
 
@@ -113,6 +114,9 @@ impl JobCtx {
                 Err(SendError::NotConnected(_)) => self.forward(host_id, step, &cmd, left).await,
                 other => other.map(Some),
             };
+            if matches!(sent, Ok(Some(CommandResult::Ok { .. } | CommandResult::Failed { .. }))) {
+                crate::failpoint::hit("after_agent_answer");
+            }
             match sent {
                 Ok(Some(CommandResult::Ok { state })) => return Ok(AgentOutcome::Done(state)),
                 Ok(Some(CommandResult::Failed { message })) => return Ok(AgentOutcome::Failed(message)),

@@ -182,17 +182,58 @@ impl Cloud {
 
     /// Start a management server with its own id; returns its index.
     pub fn start_server(&mut self, name: &str) -> usize {
+        self.start_server_env(name, &[])
+    }
+
+    /// SIGKILL server `i` (it stays in `servers`, dead; `restart_server` brings it back).
+    pub fn kill9_server(&mut self, i: usize) {
+        self.servers[i].0.kill9();
+    }
+
+    /// Kill server `i` if it still runs, then start it again with the same id (a new run), in
+    /// place. Its ports change. The new run waits until the old run's heartbeat is stale.
+    pub fn restart_server(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.servers[i].0.kill9();
+        let name = self.servers[i].0.name.clone();
+        // Same ports as before (as a real node restarts), so agents find it again.
+        let old: serde_json::Value = std::fs::read_to_string(self.path(&format!("{name}.ports")))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .expect("ports of the previous run");
+        let ports = [old["api"].to_string(), old["agent"].to_string(), old["cluster"].to_string()];
+        let idx = self.start_server_ports(&name, env, &ports);
+        let new = self.servers.remove(idx);
+        self.servers[i] = new;
+        if i == 0 {
+            self.api_port = self.servers[i].1;
+        }
+    }
+
+    /// API base URL of server `i`.
+    pub fn base_of(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}/client/api", self.servers[i].1)
+    }
+
+    /// Start a management server with extra environment (e.g. `SKYHOLD_FAILPOINT`).
+    pub fn start_server_env(&mut self, name: &str, env: &[(&str, &str)]) -> usize {
+        self.start_server_ports(name, env, &["0".into(), "0".into(), "0".into()])
+    }
+
+    /// Start a server on given ports (api, agent, cluster; "0" picks free ones).
+    pub fn start_server_ports(&mut self, name: &str, env: &[(&str, &str)], ports_: &[String; 3]) -> usize {
         let ports = self.path(&format!("{name}.ports"));
         let _ = std::fs::remove_file(&ports);
+        // Append: a restarted server keeps the earlier runs' log lines.
         let log = self.path(&format!("{name}.log"));
-        let f = std::fs::File::create(&log).expect("log file");
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let d = self.dir.path().to_str().expect("utf8").to_string();
         let child = Command::new(BIN)
             .args(["server", "--data-dir", &d, "--db", &self.db_url, "--bind", "127.0.0.1"])
-            .args(["--api-port", "0", "--agent-port", "0", "--cluster-port", "0", "--ms-id", name])
+            .args(["--api-port", &ports_[0], "--agent-port", &ports_[1], "--cluster-port", &ports_[2], "--ms-id", name])
             .arg("--ports-file")
             .arg(&ports)
             .env("RUST_LOG", "info,sqlx=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup"))
             .stderr(f)
