@@ -1,6 +1,6 @@
 //! Periodic clean-up: finished jobs older than `job.expire.minutes` and idle login sessions.
-//! Every server runs it; the deletes are idempotent, so concurrent runs are harmless (a named
-//! cluster lock will make it a singleton with the cluster work).
+//! A cluster-wide singleton: only the holder of the named lock `housekeeping` runs it; the lock's
+//! lease outlives a round, and a dead holder's lock is freed when it is declared Down.
 
 use crate::Core;
 use std::time::Duration;
@@ -8,8 +8,21 @@ use std::time::Duration;
 pub async fn run(core: Core) {
     loop {
         tokio::time::sleep(Duration::from_secs(60)).await;
-        if core.is_fenced() {
+        if core.is_fenced() || !core.is_registered() {
             continue;
+        }
+        let held = async {
+            let mut c = core.db().conn().await?;
+            skyhold_db::ms::lock_acquire(&mut c, "housekeeping", &core.ms().id, &core.ms().run_id, 120_000).await
+        }
+        .await;
+        match held {
+            Ok(Some(_)) => {}
+            Ok(None) => continue, // another server holds it
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take the housekeeping lock");
+                continue;
+            }
         }
         let minutes = core.settings().get_i64(skyhold_types::settings::JOB_EXPIRE_MINUTES).max(1);
         let res = async {

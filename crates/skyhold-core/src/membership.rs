@@ -81,6 +81,18 @@ pub async fn register(core: &Core) -> Result<(), CoreError> {
         tracing::info!(jobs = n, "resuming jobs left by this server's previous run");
     }
     core.set_registered(true);
+    drop(c);
+    let owner = core.system_owner().await?;
+    let mut c = core.db().conn().await?;
+    crate::events::record(
+        &mut c,
+        &owner,
+        "MANAGEMENT.SERVER.START",
+        "INFO",
+        format!("Management server {} started (run {}) at {}:{}", ms.id, ms.run_id, ms.service_ip, ms.api_port),
+        Some(("ManagementServer", &ms.id)),
+    )
+    .await?;
     tracing::info!(ms_id = %ms.id, run_id = %ms.run_id, "management server registered");
     Ok(())
 }
