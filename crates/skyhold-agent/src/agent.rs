@@ -260,6 +260,7 @@ mod tests {
             host_mem_mb: 8192,
             ledger_path: ledger,
             fail_rules: vec![],
+            command_delay_ms: 0,
         }
     }
 

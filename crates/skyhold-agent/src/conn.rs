@@ -202,7 +202,7 @@ async fn session(
                         ));
                     }
                 };
-                if let Some(end) = on_message(agent, book, &tx, msg) {
+                if let Some(end) = on_message(agent, book, &tx, msg, cfg.command_delay_ms) {
                     return end;
                 }
             }
@@ -211,7 +211,13 @@ async fn session(
 }
 
 /// Handle one message from the MS after registration. `Some` ends the session.
-fn on_message(agent: &Arc<Agent>, book: &mut AddrBook, tx: &mpsc::Sender<AgentMsg>, msg: MsMsg) -> Option<SessionEnd> {
+fn on_message(
+    agent: &Arc<Agent>,
+    book: &mut AddrBook,
+    tx: &mpsc::Sender<AgentMsg>,
+    msg: MsMsg,
+    delay_ms: u64,
+) -> Option<SessionEnd> {
     match msg {
         MsMsg::Command { req, host_guid, generation, job_id, step, cmd } => {
             let agent = Arc::clone(agent);
@@ -219,6 +225,9 @@ fn on_message(agent: &Arc<Agent>, book: &mut AddrBook, tx: &mpsc::Sender<AgentMs
             // Detached on purpose: a command that started runs to completion (and reaches the ledger
             // and the replay cache) even if the connection drops meanwhile.
             tokio::spawn(async move {
+                if delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                }
                 let exec =
                     tokio::task::spawn_blocking(move || agent.handle(&host_guid, generation, &job_id, step, &cmd));
                 let result = match exec.await {

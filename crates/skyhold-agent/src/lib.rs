@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub ledger_path: Option<PathBuf>,
     /// Fault injection rules.
     pub fail_rules: Vec<FailRule>,
+    /// Simulated hypervisor latency: each command waits this long before it executes (benchmarks
+    /// and chaos tests use it to keep jobs in flight).
+    pub command_delay_ms: u64,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -65,6 +68,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("host_mem_mb", &self.host_mem_mb)
             .field("ledger_path", &self.ledger_path)
             .field("fail_rules", &self.fail_rules)
+            .field("command_delay_ms", &self.command_delay_ms)
             .finish()
     }
 }
@@ -183,6 +187,7 @@ mod tests {
             host_mem_mb: 1,
             ledger_path: None,
             fail_rules: vec![],
+            command_delay_ms: 0,
         };
         assert!(!format!("{cfg:?}").contains("s3cret"));
         assert_eq!(cfg.host_guid(3), "a-h3");

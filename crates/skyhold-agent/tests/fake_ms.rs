@@ -29,6 +29,7 @@ fn config(addrs: Vec<String>, ledger: Option<PathBuf>) -> AgentConfig {
         host_mem_mb: 8192,
         ledger_path: ledger,
         fail_rules: vec![],
+        command_delay_ms: 0,
     }
 }
 

@@ -31,6 +31,7 @@ pub async fn run(a: AgentArgs) -> Result<u8> {
         host_mem_mb: a.host_mem_mb,
         ledger_path: a.ledger.clone(),
         fail_rules,
+        command_delay_ms: a.command_delay_ms,
     };
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

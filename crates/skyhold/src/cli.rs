@@ -171,6 +171,9 @@ pub struct AgentArgs {
     /// Memory (MB) per simulated host.
     #[arg(long, default_value_t = 131_072)]
     pub host_mem_mb: u64,
+    /// Simulated hypervisor latency: each command waits this long before executing.
+    #[arg(long, default_value_t = 0)]
+    pub command_delay_ms: u64,
 }
 
 #[derive(Args, Debug, Clone)]

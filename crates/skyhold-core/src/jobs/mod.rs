@@ -205,7 +205,8 @@ pub async fn run_executor(core: Core) {
         }
         tokio::select! {
             _ = core.jobs_woken() => {}
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            // A fallback poll: queued work normally arrives with a wake-up (local or peer).
+            _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
         }
     }
 }
