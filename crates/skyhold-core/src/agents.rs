@@ -92,6 +92,16 @@ impl AgentRegistry {
         conns.len()
     }
 
+    /// Send every connected agent its (re-ordered) list of management server addresses, after the
+    /// `host` setting or the set of live servers changed.
+    pub fn push_mgmt_lists(&self, core: &Core) -> usize {
+        let conns = self.connections();
+        for c in &conns {
+            let _ = c.tx.try_send(MsMsg::MgmtList { addrs: mgmt_addrs(core, &c.agent_id) });
+        }
+        conns.len()
+    }
+
     /// Ask one agent (the one with the fewest hosts) to move to `addr`. Returns its id.
     pub fn reconnect_one(&self, addr: &str, reason: &str) -> Option<String> {
         let c = self.connections().into_iter().min_by_key(|c| self.hosts_of(c))?;

@@ -180,7 +180,18 @@ async fn monitor_once(core: &Core) -> Result<(), CoreError> {
             agent_addr: format!("{}:{}", m.service_ip, m.agent_port),
         })
         .collect();
+    let changed = {
+        let mut old: Vec<String> = core.peers().into_iter().map(|p| p.agent_addr).collect();
+        let mut new: Vec<String> = peers.iter().map(|p| p.agent_addr.clone()).collect();
+        old.sort();
+        new.sort();
+        old != new
+    };
     core.set_peers(peers);
+    if changed {
+        // Agents learn about servers that joined or left.
+        core.agents().push_mgmt_lists(core);
+    }
     if core.is_fenced() {
         return Ok(());
     }
