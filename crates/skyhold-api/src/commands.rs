@@ -179,6 +179,30 @@ pub const COMMANDS: &[CommandSpec] = &[
         "id:uuid,name:string,keyword:string,page:integer,pagesize:integer"
     ),
     spec!(
+        "prepareForShutdown",
+        false,
+        true,
+        "readyforshutdown",
+        "Prepares a management server for a safe shutdown: no new jobs, agents handed to peers",
+        "managementserverid:string!"
+    ),
+    spec!(
+        "cancelShutdown",
+        false,
+        true,
+        "readyforshutdown",
+        "Cancels a prepared shutdown of a management server",
+        "managementserverid:string!"
+    ),
+    spec!(
+        "readyForShutdown",
+        false,
+        true,
+        "readyforshutdown",
+        "Returns whether a management server is ready to be shut down",
+        "managementserverid:string!"
+    ),
+    spec!(
         "listDomains",
         false,
         false,

@@ -40,6 +40,8 @@ struct AgentConn {
     agent_id: String,
     /// Notified to close the connection from outside (self-fencing).
     close: tokio::sync::Notify,
+    /// This server asked the agent to move: its hosts stay Up while it reconnects elsewhere.
+    moving: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -87,6 +89,7 @@ impl AgentRegistry {
         let conns = self.connections();
         for (i, c) in conns.iter().enumerate() {
             let msg = MsMsg::Reconnect { addr: addrs[i % addrs.len()].clone(), reason: reason.to_string() };
+            c.moving.store(true, Ordering::SeqCst);
             let _ = c.tx.try_send(msg);
         }
         conns.len()
@@ -105,6 +108,7 @@ impl AgentRegistry {
     /// Ask one agent (the one with the fewest hosts) to move to `addr`. Returns its id.
     pub fn reconnect_one(&self, addr: &str, reason: &str) -> Option<String> {
         let c = self.connections().into_iter().min_by_key(|c| self.hosts_of(c))?;
+        c.moving.store(true, Ordering::SeqCst);
         let _ = c.tx.try_send(MsMsg::Reconnect { addr: addr.to_string(), reason: reason.to_string() });
         Some(c.agent_id.clone())
     }
@@ -321,6 +325,7 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
         pending: Mutex::new(HashMap::new()),
         agent_id: agent_id.clone(),
         close: tokio::sync::Notify::new(),
+        moving: std::sync::atomic::AtomicBool::new(false),
     });
     let by_guid: HashMap<String, (String, i64)> =
         grants.iter().map(|g| (g.guid.clone(), (g.host_id.clone(), g.generation as i64))).collect();
@@ -376,8 +381,14 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
     .await;
 
     writer.abort();
+    let moving = conn.moving.load(Ordering::SeqCst);
     for g in &grants {
         if let Some(generation) = core.agents().remove_if(&g.host_id, &conn) {
+            if moving {
+                // We sent the agent elsewhere: its hosts stay Up while the next server takes
+                // their connections (bumping the generation); nothing to record here.
+                continue;
+            }
             let db = core.db().clone();
             let r = async {
                 let mut c = db.conn().await?;

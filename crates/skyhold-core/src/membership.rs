@@ -143,6 +143,12 @@ pub async fn heartbeat_loop(core: Core) -> MembershipEnd {
     }
 }
 
+/// Move this server's row from one state to another (false if it was not in `from`).
+pub async fn transition(core: &Core, from: &str, to: &str) -> Result<bool, CoreError> {
+    let mut c = core.db().conn().await?;
+    Ok(skyhold_db::ms::ms_transition(&mut c, &core.ms().id, &core.ms().run_id, from, to).await?)
+}
+
 /// Mark this server's row with a new state (shutdown transitions).
 pub async fn set_state(core: &Core, state: &str) -> Result<(), CoreError> {
     let mut c = core.db().conn().await?;
@@ -267,7 +273,8 @@ async fn takeover(core: &Core, dead: &skyhold_db::ms::MgmtServer) -> Result<(), 
 /// running jobs finish (bounded), hand the rest back, and end in ReadyForShutdown.
 pub async fn drain(core: &Core) {
     core.begin_shutdown();
-    let _ = set_state(core, "PreparingForShutdown").await;
+    // Up -> PreparingForShutdown (already so when requested through the API or the CLI).
+    let _ = transition(core, "Up", "PreparingForShutdown").await;
     if let Ok(owner) = core.system_owner().await
         && let Ok(mut c) = core.db().conn().await
     {
@@ -309,8 +316,11 @@ pub async fn drain(core: &Core) {
         let _ = skyhold_db::ms::lock_release_all_of(&mut c, &core.ms().id).await;
     }
     core.wake_cluster();
-    let _ = set_state(core, "ReadyForShutdown").await;
-    tracing::info!("drained: ready for shutdown");
+    // Conditional: a cancelShutdown that landed meanwhile (state back to Up) wins.
+    match transition(core, "PreparingForShutdown", "ReadyForShutdown").await {
+        Ok(true) => tracing::info!("drained: ready for shutdown"),
+        _ => tracing::info!("drain finished but the row is no longer PreparingForShutdown (cancelled?)"),
+    }
 }
 
 #[cfg(test)]

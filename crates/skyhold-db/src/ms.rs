@@ -289,3 +289,18 @@ pub async fn ms_cancel_drain(c: &mut dyn Sql, id: &str) -> Result<bool, DbError>
     .rows_affected();
     Ok(n == 1)
 }
+
+/// Move this run's row from `from` to `to` (false if it is not in `from`: e.g. a cancelled drain).
+pub async fn ms_transition(c: &mut dyn Sql, id: &str, run_id: &str, from: &str, to: &str) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query("UPDATE management_server SET state = ? WHERE id = ? AND run_id = ? AND state = ?")
+        .bind(to)
+        .bind(id)
+        .bind(run_id)
+        .bind(from)
+        .execute(conn)
+        .await
+        .ctx("change management server state")?
+        .rows_affected();
+    Ok(n == 1)
+}

@@ -65,6 +65,9 @@ pub async fn run(a: ClusterArgs) -> Result<u8> {
             let file = FileConfig::load(node.config.as_deref())?;
             let db = Node::resolve(&node, &file)?.open_db(false).await?;
             let mut c = db.conn().await?;
+            if skyhold_db::ms::ms_fetch(&mut c, &id).await?.is_none() {
+                bail!("Unable to find management server with specified id {id} (see `skyhold cluster status`)");
+            }
             if !skyhold_db::ms::ms_request_drain(&mut c, &id).await? {
                 bail!("management server {id} is not Up (see `skyhold cluster status`)");
             }
@@ -75,6 +78,9 @@ pub async fn run(a: ClusterArgs) -> Result<u8> {
             let file = FileConfig::load(node.config.as_deref())?;
             let db = Node::resolve(&node, &file)?.open_db(false).await?;
             let mut c = db.conn().await?;
+            if skyhold_db::ms::ms_fetch(&mut c, &id).await?.is_none() {
+                bail!("Unable to find management server with specified id {id} (see `skyhold cluster status`)");
+            }
             if !skyhold_db::ms::ms_cancel_drain(&mut c, &id).await? {
                 bail!("management server {id} is not draining");
             }

@@ -44,7 +44,7 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                     .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
                     .unwrap_or_default();
                 let last_error = state.get("last_error").and_then(|v| v.as_str()).map(str::to_string);
-                match plan(ctx, deploy, required_host.as_deref(), &exclude, last_error.as_deref()).await? {
+                match plan(ctx, deploy, required_host.as_deref(), &exclude, last_error.as_deref(), replans).await? {
                     Planned::Host(h) => {
                         step = 1;
                         state = json!({ "host": h, "exclude": exclude });
@@ -52,7 +52,8 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                     Planned::Finished => return Ok(Outcome::Done),
                     Planned::Replan => {
                         replans += 1;
-                        if replans > 20 {
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                        if replans > 60 {
                             return super::fail_job(
                                 ctx,
                                 ErrorCode::InsufficientCapacity,
@@ -113,6 +114,7 @@ async fn plan(
     required: Option<&str>,
     exclude: &[String],
     last_error: Option<&str>,
+    replans: u32,
 ) -> Result<Planned, CoreError> {
     let ha_tag = ctx.core.settings().get(skyhold_types::settings::HA_TAG);
     retry_tx!(ctx.core.db(), |tx| {
@@ -167,6 +169,14 @@ async fn plan(
                         return Ok(Planned::Replan);
                     }
                     h.id.clone()
+                }
+                Err(NoHost::NoCapacity)
+                    if replans < 40
+                        && reconnecting_in_zone(&mut tx, &hosts, &vm.zone_id).await? =>
+                {
+                    // Some hosts of the zone are between two servers (their agents reconnecting):
+                    // wait for them rather than fail for lack of capacity.
+                    return Ok(Planned::Replan);
                 }
                 Err(NoHost::NoCapacity) if !exclude.is_empty() => {
                     // Hosts were tried and refused; no other host remains: report why they refused.
@@ -313,4 +323,20 @@ async fn finish(
         }
         .await
     })
+}
+
+/// Are some Enabled hosts of the zone Disconnected but pinged within the last 30 s (their agents
+/// moving between servers)?
+async fn reconnecting_in_zone(
+    tx: &mut skyhold_db::Tx,
+    hosts: &[skyhold_db::infra::Host],
+    zone: &str,
+) -> Result<bool, CoreError> {
+    let now = skyhold_db::now_ms(tx).await?;
+    Ok(hosts.iter().any(|h| {
+        h.zone_id == zone
+            && h.status == "Disconnected"
+            && h.resource_state == "Enabled"
+            && h.last_ping_ms.is_some_and(|t| now - t < 30_000)
+    }))
 }
