@@ -871,6 +871,14 @@ fn agents_learn_of_a_joining_server() {
     });
     assert!(peers.is_some(), "both servers Up: {:?}", servers_via(&c, 1));
     assert_eq!(up_on(&hosts_via(&c, 1), "ms1"), 1, "the agent is on ms1");
+    // ms1 pushes the new list within one heartbeat interval of seeing ms2: wait for the agent to
+    // have it (the agent logs every list it receives).
+    let ms2_agent = format!("127.0.0.1:{}", c.servers[1].2);
+    let learned = wait_for(Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(c.path("agent1.log")).unwrap_or_default();
+        log.lines().any(|l| l.contains("management server list updated") && l.contains(&ms2_agent)).then_some(())
+    });
+    assert!(learned.is_some(), "the agent was told about ms2 ({ms2_agent})");
     let t0 = Instant::now();
     c.kill9_server(0);
     let back = wait_for(Duration::from_secs(15), || (up_on(&hosts_via(&c, 1), "ms2") == 1).then_some(t0.elapsed()));
