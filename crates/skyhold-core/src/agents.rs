@@ -207,22 +207,7 @@ impl Core {
 
 /// Accept agent connections until the process ends.
 pub async fn serve(core: Core, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((sock, peer)) => {
-                let core = core.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = handle(core, sock).await {
-                        tracing::info!(%peer, error = %e, "agent connection ended");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept on agent port failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    crate::accept_loop(core, listener, "agent", handle).await
 }
 
 /// Why a connection ended.

@@ -186,3 +186,29 @@ impl Core {
         self.inner.fenced.store(v, Ordering::SeqCst);
     }
 }
+
+/// Accept connections on `listener` forever, handling each in its own task. `what` names the port
+/// in logs.
+pub(crate) async fn accept_loop<F, Fut, E>(core: Core, listener: tokio::net::TcpListener, what: &'static str, handle: F)
+where
+    F: Fn(Core, tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    loop {
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                let fut = handle(core.clone(), sock);
+                tokio::spawn(async move {
+                    if let Err(e) = fut.await {
+                        tracing::debug!(%peer, port = what, error = %e, "connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(port = what, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

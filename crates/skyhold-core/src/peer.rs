@@ -90,22 +90,7 @@ fn verify(secret: &str, env: &Envelope) -> Result<(), String> {
 
 /// Serve peer requests until the process ends.
 pub async fn serve(core: Core, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((sock, peer)) => {
-                let core = core.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = handle(core, sock).await {
-                        tracing::debug!(%peer, error = %e, "peer request failed");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept on peer port failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    crate::accept_loop(core, listener, "peer", handle).await
 }
 
 async fn handle(core: Core, sock: TcpStream) -> Result<(), skyhold_proto::ProtoError> {

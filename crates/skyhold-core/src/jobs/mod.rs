@@ -54,6 +54,15 @@ impl JobCtx {
         self.job.instance_id.as_deref().unwrap_or("")
     }
 
+    /// Whom the job's events belong to.
+    pub fn owner(&self) -> crate::events::EventOwner {
+        crate::events::EventOwner {
+            account_id: self.job.account_id.clone(),
+            domain_id: self.job.domain_id.clone(),
+            user_id: Some(self.job.user_id.clone()),
+        }
+    }
+
     pub fn step_state(&self) -> Value {
         serde_json::from_str(&self.job.step_state).unwrap_or(Value::Null)
     }

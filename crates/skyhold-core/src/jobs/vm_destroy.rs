@@ -7,7 +7,7 @@
 
 use super::{AgentOutcome, JobCtx, Outcome};
 use crate::CoreError;
-use crate::events::{EventOwner, record};
+use crate::events::record;
 use serde_json::{Value, json};
 use skyhold_db::Tx;
 use skyhold_db::retry_tx;
@@ -15,21 +15,13 @@ use skyhold_db::vm::{HostChange, vm_expunge, vm_fetch, vm_transition};
 use skyhold_proto::Command;
 use skyhold_types::ErrorCode;
 
-fn owner(ctx: &JobCtx) -> EventOwner {
-    EventOwner {
-        account_id: ctx.job.account_id.clone(),
-        domain_id: ctx.job.domain_id.clone(),
-        user_id: Some(ctx.job.user_id.clone()),
-    }
-}
-
 /// Mark destroyed (from `from`), expunge if asked, and complete the job, in the caller's transaction.
 async fn destroyed(ctx: &JobCtx, tx: &mut Tx, from: &str, expunge: bool) -> Result<(), CoreError> {
     if from != "Destroyed" && !vm_transition(tx, ctx.vm_id(), &[from], "Destroyed", HostChange::Clear, None).await? {
         return Err(CoreError::LeaseLost);
     }
     let result: Value = ctx.vm_result(tx).await?;
-    let o = owner(ctx);
+    let o = ctx.owner();
     if from != "Destroyed" {
         record(tx, &o, "VM.DESTROY", "INFO", "Destroyed VM", Some(("VirtualMachine", ctx.vm_id()))).await?;
     }

@@ -243,11 +243,7 @@ async fn finish(
     state: &serde_json::Value,
     outcome: AgentOutcome,
 ) -> Result<Option<String>, CoreError> {
-    let owner = crate::events::EventOwner {
-        account_id: ctx.job.account_id.clone(),
-        domain_id: ctx.job.domain_id.clone(),
-        user_id: Some(ctx.job.user_id.clone()),
-    };
+    let owner = ctx.owner();
     retry_tx!(ctx.core.db(), |tx| {
         async {
             match &outcome {

@@ -57,11 +57,7 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
     }
     let host = host.unwrap_or_default();
     let outcome = ctx.agent(&host, 1, Command::StopVm { vm_id: ctx.vm_id().to_string(), force: forced }).await?;
-    let owner = crate::events::EventOwner {
-        account_id: ctx.job.account_id.clone(),
-        domain_id: ctx.job.domain_id.clone(),
-        user_id: Some(ctx.job.user_id.clone()),
-    };
+    let owner = ctx.owner();
     retry_tx!(ctx.core.db(), |tx| {
         async {
             match &outcome {
