@@ -222,7 +222,7 @@ fn start_server_db(c: &mut Cloud, name: &str, db: &str) -> usize {
 }
 
 /// Start a simulator agent with an explicit `--mgmt` list (the harness gives it every server).
-fn start_agent_mgmt(c: &mut Cloud, name: &str, hosts: u32, mgmt: &str) {
+fn start_agent_mgmt(c: &mut Cloud, name: &str, hosts: u32, mgmt: &str, extra: &[&str]) {
     let log = c.path(&format!("{name}.log"));
     let f = std::fs::File::create(&log).expect("log file");
     let child = Command::new(BIN)
@@ -230,6 +230,7 @@ fn start_agent_mgmt(c: &mut Cloud, name: &str, hosts: u32, mgmt: &str) {
         .args(["--hosts", &hosts.to_string(), "--agent-id", name])
         .arg("--ledger")
         .arg(c.ledger())
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(f.try_clone().expect("dup"))
@@ -249,6 +250,24 @@ fn ms_list(c: &Cloud) -> Vec<Value> {
 
 fn ms_state(c: &Cloud, id: &str) -> Option<String> {
     ms_list(c).iter().find(|m| m["id"] == id).and_then(|m| m["state"].as_str().map(str::to_string))
+}
+
+/// A server's last heartbeat on the database clock (epoch ms): its age, read through `c.api_port`.
+fn last_heartbeat_ms(c: &Cloud, id: &str) -> i64 {
+    let before = now_ms();
+    let m = ms_list(c).into_iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("{id} not listed"));
+    let after = now_ms();
+    (before + after) / 2 - m["heartbeatagems"].as_i64().expect("heartbeatagems")
+}
+
+/// Wait until `id` renews its heartbeat; returns the new heartbeat time.
+fn wait_renewal(c: &Cloud, id: &str) -> i64 {
+    let first = last_heartbeat_ms(c, id);
+    wait_for(Duration::from_secs(10), || {
+        let h = last_heartbeat_ms(c, id);
+        (h > first + 100).then_some(h)
+    })
+    .unwrap_or_else(|| panic!("{id} did not renew its heartbeat"))
 }
 
 /// Index of the server called `name` in `c.servers`.
@@ -381,7 +400,8 @@ fn takeover_under_load(b: Backend) {
     c.allow_error_logs = true; // the kill makes the survivors log errors on purpose
     c.start_server("ms2");
     c.start_server("ms3");
-    c.start_agent("agent1", 20, &[]);
+    // 300 ms of simulated hypervisor latency: commands are in flight when the kill comes.
+    c.start_agent("agent1", 20, &["--command-delay-ms", "300"]);
     c.wait_hosts_up(20);
     let (z, t, o) = c.ids("Small Instance");
 
@@ -416,7 +436,7 @@ fn takeover_under_load(b: Backend) {
     // Kill the victim while it runs jobs: as soon as the database shows it owning unfinished
     // ones (or, failing that, right after the last submission).
     c.api_port = c.servers[survivors[0]].1;
-    let running = wait_for(Duration::from_secs(10), || {
+    let owned = wait_for(Duration::from_secs(10), || {
         let n = ms_list(&c)
             .iter()
             .find(|m| m["id"] == holder.as_str())
@@ -427,7 +447,7 @@ fn takeover_under_load(b: Backend) {
     .unwrap_or(0);
     let killed = Instant::now();
     c.kill9_server(victim);
-    eprintln!("killed {holder} while it owned {running} unfinished job(s)");
+    eprintln!("killed {holder} while it owned {owned} unfinished job(s)");
     let mut jobs: Vec<(String, String)> = threads.into_iter().flat_map(|h| h.join().expect("submitter")).collect();
     // Keep using the survivors: more deploys, up to 30 in all.
     for k in 0..(30 - jobs.len()) {
@@ -513,13 +533,27 @@ fn takeover_under_load(b: Backend) {
 
     // Membership: the victim is Down, the event says so and names what was taken over.
     assert_eq!(ms_state(&c, &holder).as_deref(), Some("Down"));
-    let ev = c.ok("listEvents", &[("type", "MANAGEMENT.SERVER.DOWN")]);
-    let ev: Vec<Value> = ev["event"].as_array().cloned().unwrap_or_default();
-    let down = ev
-        .iter()
-        .find(|e| e["description"].as_str().is_some_and(|d| d.contains(&format!("Management server {holder} "))))
-        .unwrap_or_else(|| panic!("no MANAGEMENT.SERVER.DOWN event for {holder}: {ev:?}"));
+    // The state changes first (one conditional UPDATE); the takeover and its event follow.
+    let down = wait_for(Duration::from_secs(10), || {
+        let ev = c.ok("listEvents", &[("type", "MANAGEMENT.SERVER.DOWN")]);
+        ev["event"].as_array().and_then(|a| {
+            a.iter()
+                .find(|e| {
+                    e["description"].as_str().is_some_and(|d| d.contains(&format!("Management server {holder} ")))
+                })
+                .cloned()
+        })
+    })
+    .unwrap_or_else(|| panic!("no MANAGEMENT.SERVER.DOWN event for {holder}: {}", c.ok("listEvents", &[])));
     eprintln!("event: {}", down["description"]);
+    let desc = down["description"].as_str().unwrap_or("");
+    let taken: i64 = desc
+        .split_once(" job(s) taken over")
+        .and_then(|(before, _)| before.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the Down event says how many jobs were taken over: {desc}"));
+    assert!(owned > 0, "the victim owned no job when killed: the test did not exercise a takeover");
+    assert!(taken >= owned, "{owned} unfinished job(s) of {holder} at the kill, {taken} taken over: {desc}");
     eprintln!(
         "takeover under load ({b:?}): kill -> {holder} Down {:.2} s; kill -> last of 30 jobs finished {:.2} s; \
          kill -> 20 hosts Up on survivors {:.2} s",
@@ -673,7 +707,8 @@ fn chaos(b: Backend) {
     c.allow_error_logs = true; // kills make the survivors log errors on purpose
     c.start_server("ms2");
     c.start_server("ms3");
-    c.start_agent("agent1", 50, &[]);
+    // 100 ms of simulated hypervisor latency: kills land while commands are in flight.
+    c.start_agent("agent1", 50, &["--command-delay-ms", "100"]);
     c.wait_hosts_up(50);
     let ids = c.ids("Small Instance");
     let bases: Vec<String> = (0..3).map(|i| c.base_of(i)).collect();
@@ -794,7 +829,7 @@ fn chaos(b: Backend) {
             }
             "Stopped" | "Destroyed" => {
                 assert!(
-                    running.get(id).is_none(),
+                    !running.contains_key(id),
                     "database says {state}, ledger has it Running on {:?}: {v}",
                     running.get(id)
                 );
@@ -809,6 +844,22 @@ fn chaos(b: Backend) {
         assert!(known.contains(vm.as_str()), "VM {vm} runs on {host} but the database does not know it");
     }
 
+    // What the crashes cost, as the agent saw it, and what the servers complained about.
+    let mut kinds: HashMap<String, usize> = HashMap::new();
+    for e in ledger(&c) {
+        *kinds.entry(e["kind"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+    }
+    let mut errors: HashMap<String, usize> = HashMap::new();
+    for (p, _, _) in &c.servers {
+        for l in log_of(p).lines().filter(|l| l.contains(" ERROR ")) {
+            // The message without timestamp and fields.
+            let msg = l.split_once(": ").map(|(_, m)| m).unwrap_or(l);
+            let msg: String = msg.split(" error=").next().unwrap_or(msg).chars().take(90).collect();
+            *errors.entry(msg).or_default() += 1;
+        }
+    }
+    eprintln!("chaos ({b:?}): ledger {kinds:?}");
+    eprintln!("chaos ({b:?}): ERROR lines in server logs {errors:#?}");
     let ok = log.jobs.iter().filter(|j| j.final_.as_ref().is_some_and(|f| f["jobstatus"] == 1)).count();
     let failed = log.jobs.len() - ok;
     let mut fail_texts: HashMap<String, usize> = HashMap::new();
@@ -960,7 +1011,11 @@ fn split_db_url(url: &str, port: u16) -> (String, String) {
 /// proxy is cut: ms1 must fence itself (before ms2 may act), ms2 declares it Down, the agent moves
 /// to ms2 within seconds, VM operations work through ms2, and nothing runs with ms1's generation
 /// after ms2 took the hosts. Healed, ms1 finds itself marked Down and exits (219) instead of acting.
-fn partition_self_fences(how: Cut) {
+///
+/// `interval`: a `cluster.heartbeat.interval` to set first (the default threshold stays). Whatever
+/// the (accepted) settings, ms1 must be fenced before the takeover deadline: its last renewal on
+/// the database clock plus the threshold.
+fn partition_self_fences(how: Cut, interval: Option<&str>) {
     let Some(mut c) = init_cloud(Backend::MySql) else { return };
     c.allow_error_logs = true; // fencing and the lost database log errors on purpose
     let (upstream, _) = split_db_url(&c.db_url, 0);
@@ -972,7 +1027,9 @@ fn partition_self_fences(how: Cut) {
     c.api_port = c.servers[i2].1;
     let ms1_agent = format!("127.0.0.1:{}", c.servers[i1].2);
     let ms2_agent = format!("127.0.0.1:{}", c.servers[i2].2);
-    start_agent_mgmt(&mut c, "agent1", 4, &ms1_agent);
+    // 3 s of simulated hypervisor latency: a command ms1 sends just before the partition is
+    // still waiting in the agent when ms2 takes the hosts over.
+    start_agent_mgmt(&mut c, "agent1", 4, &ms1_agent, &["--command-delay-ms", "3000"]);
     wait_for(Duration::from_secs(20), || {
         let hs = hosts(&c);
         (hs.len() == 4 && hs.iter().all(|h| h["state"] == "Up" && h["managementserverid"] == "ms1")).then_some(())
@@ -981,6 +1038,36 @@ fn partition_self_fences(how: Cut) {
     let s = agent_sessions(&c);
     assert_eq!(s.len(), 1, "{s:?}");
     assert!(s[0].mgmt_addrs.contains(&ms2_agent), "ms1 told the agent about ms2: {s:?}");
+    let setting = |c: &Cloud, port: u16, name: &str| {
+        let (st, v) =
+            try_call(&format!("http://127.0.0.1:{port}/client/api"), &c.admin, "listConfigurations", &[("name", name)])
+                .expect("server up");
+        assert_eq!(st, 200, "{v}");
+        inner("listConfigurations", &v)["configuration"][0]["value"].as_str().expect("value").to_string()
+    };
+    if let Some(iv) = interval {
+        let (st, v) = c.api("updateConfiguration", &[("name", "cluster.heartbeat.interval"), ("value", iv)]);
+        if st != 200 {
+            // Refusing a heartbeat interval that would put the self-fence after the takeover
+            // deadline is a fine answer too.
+            assert_eq!(st, 431, "{v}");
+            eprintln!("partition ({how:?}): cluster.heartbeat.interval={iv} refused: {v}");
+            return;
+        }
+        // Both servers use it (their settings caches), and ms1 renews at that pace.
+        for port in [c.servers[i1].1, c.servers[i2].1] {
+            wait_for(Duration::from_secs(10), || (setting(&c, port, "cluster.heartbeat.interval") == iv).then_some(()))
+                .unwrap_or_else(|| panic!("server on {port} did not apply cluster.heartbeat.interval={iv}"));
+        }
+        let want: i64 = iv.parse().expect("interval");
+        wait_for(Duration::from_secs(20), || {
+            let a = wait_renewal(&c, "ms1");
+            let b = wait_renewal(&c, "ms1");
+            (b - a >= want - 150).then_some(())
+        })
+        .unwrap_or_else(|| panic!("ms1 does not renew every {iv} ms"));
+    }
+    let threshold: i64 = setting(&c, c.servers[i2].1, "cluster.heartbeat.threshold").parse().expect("threshold");
 
     // Work through ms1 before the cut: commands with ms1's generations in the ledger.
     let (z, t, o) = c.ids("Small Instance");
@@ -994,8 +1081,14 @@ fn partition_self_fences(how: Cut) {
     c.api_port = c.servers[i1].1;
     let (pre_vm, pre_job) = deploy(&c, "pre1");
     assert_eq!(c.wait_job(&pre_job)["jobstatus"], 1);
-    // A job accepted by ms1 just before the partition: it must still end exactly once.
+    // A job accepted by ms1 just before the partition: it must still end exactly once. Cut once
+    // its StartVm is on its way to the agent (the VM is Starting: planned, command sent).
     let (inflight_vm, inflight_job) = deploy(&c, "inflight1");
+    c.api_port = c.servers[i2].1;
+    wait_for(Duration::from_secs(10), || (c.vm(&inflight_vm)["state"] == "Starting").then_some(()))
+        .unwrap_or_else(|| panic!("inflight1 never got to Starting: {}", c.vm(&inflight_vm)));
+    // Cut right after one of ms1's renewals: the longest way to its self-fence.
+    wait_renewal(&c, "ms1");
     let cut_ms = now_ms();
     let cut = Instant::now();
     proxy.cut(how);
@@ -1025,11 +1118,14 @@ fn partition_self_fences(how: Cut) {
     let t_down = t_down.unwrap_or_else(|| panic!("ms2 did not declare ms1 Down: {:?}", ms_list(&c)));
     let t_hosts = t_hosts.unwrap_or_else(|| panic!("hosts not Up on ms2: {:?}", hosts(&c)));
     let fence_ms = log_ts_ms(&fence_line).expect("timestamp") - cut_ms;
-    let down_line = log_of(&c.servers[i2].0)
-        .lines()
-        .find(|l| l.contains("declared Down") && l.contains("peer=ms1"))
-        .map(str::to_string)
-        .expect("ms2 logs the Down declaration");
+    // The state changes first (one conditional UPDATE), the takeover and its log line follow.
+    let down_line = wait_for(Duration::from_secs(10), || {
+        log_of(&c.servers[i2].0)
+            .lines()
+            .find(|l| l.contains("declared Down") && l.contains("peer=ms1"))
+            .map(str::to_string)
+    })
+    .expect("ms2 logs the Down declaration");
     let down_ms = log_ts_ms(&down_line).expect("timestamp") - cut_ms;
     eprintln!(
         "partition ({how:?}): ms1 self-fenced {fence_ms} ms after the cut (seen after {:.2} s); ms2 declared it Down \
@@ -1038,15 +1134,30 @@ fn partition_self_fences(how: Cut) {
         t_down.as_secs_f64(),
         t_hosts.as_secs_f64()
     );
+    // Invariant 3: fenced before the takeover deadline (its last renewal, on the database clock,
+    // plus the threshold), whenever a peer actually looked.
+    let last_hb = last_heartbeat_ms(&c, "ms1");
+    let fence_after_renewal = fence_ms + cut_ms - last_hb;
+    eprintln!(
+        "partition ({how:?}): ms1's last renewal {} ms before the cut; self-fence {fence_after_renewal} ms after \
+         it; takeover deadline {threshold} ms after it",
+        cut_ms - last_hb
+    );
+    assert!(
+        fence_after_renewal < threshold,
+        "ms1 self-fenced {fence_after_renewal} ms after its last heartbeat renewal, after the takeover deadline \
+         ({threshold} ms): peers may take its work while it still acts"
+    );
     assert!(fence_ms < down_ms, "ms1 fenced ({fence_ms} ms) before ms2 took over ({down_ms} ms)");
     assert!(t_hosts < Duration::from_secs(5), "agents back on a live server within 5 s: took {t_hosts:?}");
-    let ev = c.ok("listEvents", &[("type", "MANAGEMENT.SERVER.DOWN")]);
-    assert!(
+    wait_for(Duration::from_secs(10), || {
+        let ev = c.ok("listEvents", &[("type", "MANAGEMENT.SERVER.DOWN")]);
         ev["event"]
             .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["description"].as_str().unwrap_or("").contains("ms1"))),
-        "MANAGEMENT.SERVER.DOWN event for ms1: {ev}"
-    );
+            .is_some_and(|a| a.iter().any(|e| e["description"].as_str().unwrap_or("").contains("server ms1 ")))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no MANAGEMENT.SERVER.DOWN event for ms1: {}", c.ok("listEvents", &[])));
 
     // VM operations through ms2 work: a new VM, and a stop of a VM started by ms1.
     let (post_vm, post_job) = deploy(&c, "post1");
@@ -1062,7 +1173,7 @@ fn partition_self_fences(how: Cut) {
     assert_eq!(c.vm(&inflight_vm)["state"], "Running");
 
     // Fencing by generation: nothing executed with ms1's generation once ms2 held the hosts.
-    let check_generations = |c: &Cloud| {
+    let check_generations = |c: &Cloud| -> (usize, Value) {
         let sessions = agent_sessions(c);
         let first_ms2 = sessions.iter().find(|s| s.ms_id == "ms2").expect("the agent registered with ms2");
         let mut old: HashMap<String, u64> = HashMap::new();
@@ -1074,6 +1185,7 @@ fn partition_self_fences(how: Cut) {
         }
         assert_eq!(first_ms2.grants.len(), 4, "{first_ms2:?}");
         let mut stale = 0;
+        let mut inflight_old = Value::Null;
         for e in ledger(c) {
             let host = e["host"].as_str().unwrap_or("");
             let generation = e["generation"].as_u64().unwrap_or(0);
@@ -1085,16 +1197,21 @@ fn partition_self_fences(how: Cut) {
             if e["kind"] == "exec" && e["ts_ms"].as_i64().unwrap_or(0) >= first_ms2.ts_ms {
                 assert!(generation >= g2, "executed with an old generation after ms2 took the host over: {e}");
             }
-            if e["kind"] == "exec" && generation <= g1 {
-                assert!(
-                    e["ts_ms"].as_i64().unwrap_or(0) < cut_ms + fence_ms,
-                    "executed with ms1's generation after ms1 fenced itself: {e}"
-                );
+            if e["job"] == inflight_job.as_str() && generation <= g1 {
+                inflight_old = e.clone();
             }
         }
-        stale
+        // ms1's StartVm for inflight1 (sent before the cut) reached the agent: executed before
+        // ms2's grant, or refused as stale after it.
+        let ts = inflight_old["ts_ms"].as_i64().unwrap_or(0);
+        match inflight_old["kind"].as_str() {
+            Some("exec") => assert!(ts < first_ms2.ts_ms, "{inflight_old}"),
+            Some("stale") => assert!(ts >= first_ms2.ts_ms, "{inflight_old}"),
+            _ => panic!("ms1's command for {inflight_job} is not in the ledger: {inflight_old}"),
+        }
+        (stale, inflight_old)
     };
-    let stale = check_generations(&c);
+    let (stale, inflight_old) = check_generations(&c);
     assert_ledger_invariants(&c);
 
     // Heal: ms1 sees it was marked Down and exits (219) rather than acting again.
@@ -1112,16 +1229,26 @@ fn partition_self_fences(how: Cut) {
     assert_eq!(agent_sessions(&c).iter().filter(|s| s.ms_id == "ms1").count(), 1, "the agent never went back to ms1");
     check_generations(&c);
     assert_ledger_invariants(&c);
-    eprintln!("partition ({how:?}): {stale} stale-generation refusals in the ledger");
+    eprintln!(
+        "partition ({how:?}): {stale} stale-generation refusal(s) in the ledger; ms1's in-flight StartVm: {} {} ms \
+         after the cut",
+        inflight_old["kind"],
+        inflight_old["ts_ms"].as_i64().unwrap_or(0) - cut_ms
+    );
 }
 
 mod partition_self_fences {
     #[test]
     fn mysql_blackhole() {
-        super::partition_self_fences(super::Cut::Blackhole)
+        super::partition_self_fences(super::Cut::Blackhole, None)
     }
     #[test]
     fn mysql_refuse() {
-        super::partition_self_fences(super::Cut::Refuse)
+        super::partition_self_fences(super::Cut::Refuse, None)
+    }
+    /// CloudStack's own default heartbeat interval (1500 ms) with Skyhold's threshold (2500 ms).
+    #[test]
+    fn mysql_heartbeat_interval_1500() {
+        super::partition_self_fences(super::Cut::Blackhole, Some("1500"))
     }
 }
