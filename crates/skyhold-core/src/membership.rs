@@ -98,13 +98,27 @@ pub async fn register(core: &Core) -> Result<(), CoreError> {
 }
 
 /// Renew the heartbeat until the row is taken from us. Fences on missed renewals.
+///
+/// The self-fence deadline is `last successful renewal start + threshold / 2`, enforced as a
+/// deadline: a renewal attempt never runs past it and the loop never sleeps past it, so the fence
+/// happens on time however slow the database is.
 pub async fn heartbeat_loop(core: Core) -> MembershipEnd {
     let mut last_ok = Instant::now();
     loop {
-        let interval = core.settings().get_i64(CLUSTER_HEARTBEAT_INTERVAL).clamp(50, 60_000) as u64;
         let threshold = core.settings().get_i64(CLUSTER_HEARTBEAT_THRESHOLD);
+        let fence_after = self_fence_after(threshold);
+        // Renew at least twice per fence period whatever the setting says (validation refuses
+        // such settings; this guards against a value written behind the API's back).
+        let interval =
+            Duration::from_millis(core.settings().get_i64(CLUSTER_HEARTBEAT_INTERVAL).clamp(50, 60_000) as u64)
+                .min(fence_after / 2);
         let started = Instant::now();
-        let res = tokio::time::timeout(self_fence_after(threshold), async {
+        let deadline = last_ok + fence_after;
+        if started >= deadline && !core.is_fenced() {
+            fence(&core, last_ok.elapsed());
+        }
+        let budget = if core.is_fenced() { fence_after } else { deadline.saturating_duration_since(started) };
+        let res = tokio::time::timeout(budget.max(Duration::from_millis(1)), async {
             let mut c = core.db().conn().await?;
             ms_heartbeat(&mut c, &core.ms().id, &core.ms().run_id).await
         })
@@ -126,21 +140,45 @@ pub async fn heartbeat_loop(core: Core) -> MembershipEnd {
             Ok(Err(e)) => tracing::warn!(error = %e, "could not renew heartbeat"),
             Err(_) => tracing::warn!("heartbeat renewal timed out"),
         }
-        if last_ok.elapsed() >= self_fence_after(threshold) && !core.is_fenced() {
-            tracing::error!(
-                since_ms = last_ok.elapsed().as_millis() as u64,
-                "heartbeat not renewed in time: self-fencing (no new jobs, no agent commands)"
-            );
-            core.set_fenced(true);
-            // Agents must not wait on a server that may not command them: send them to a peer,
-            // or drop them so they try the next address on their list.
-            let peers: Vec<String> = core.peers().into_iter().map(|p| p.agent_addr).collect();
-            let moved = core.agents().reconnect_all(&peers, "management server self-fenced");
-            let closed = core.agents().close_all();
-            tracing::error!(moved, closed, "self-fenced: released agent connections");
+        if !core.is_fenced() && Instant::now() >= last_ok + fence_after {
+            fence(&core, last_ok.elapsed());
         }
-        tokio::time::sleep(Duration::from_millis(interval)).await;
+        let next = started + interval;
+        let wake = if core.is_fenced() { next } else { next.min(last_ok + fence_after) };
+        tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
     }
+}
+
+fn fence(core: &Core, since: Duration) {
+    tracing::error!(
+        since_ms = since.as_millis() as u64,
+        "heartbeat not renewed in time: self-fencing (no new jobs, no agent commands)"
+    );
+    core.set_fenced(true);
+    // Agents must not wait on a server that may not command them: send them to a peer, or drop
+    // them so they try the next address on their list.
+    let peers: Vec<String> = core.peers().into_iter().map(|p| p.agent_addr).collect();
+    let moved = core.agents().reconnect_all(&peers, "management server self-fenced");
+    let closed = core.agents().close_all();
+    tracing::error!(moved, closed, "self-fenced: released agent connections");
+}
+
+/// Check a pair of heartbeat settings: the interval must be below half the threshold, so that a
+/// server renews at least twice before it must fence itself.
+pub fn validate_heartbeat(interval_ms: i64, threshold_ms: i64) -> Result<(), String> {
+    if interval_ms < 50 {
+        return Err("cluster.heartbeat.interval must be at least 50 ms".into());
+    }
+    if threshold_ms < 500 {
+        return Err("cluster.heartbeat.threshold must be at least 500 ms".into());
+    }
+    if interval_ms * 4 > threshold_ms {
+        return Err(format!(
+            "cluster.heartbeat.interval ({interval_ms} ms) must be at most a quarter of cluster.heartbeat.threshold \
+             ({threshold_ms} ms): a server fences itself after half the threshold and must renew at least twice before"
+        ));
+    }
+    Ok(())
 }
 
 /// Move this server's row from one state to another (false if it was not in `from`).
@@ -232,8 +270,13 @@ async fn monitor_once(core: &Core) -> Result<(), CoreError> {
 /// reconnect elsewhere (not Down), its locks are freed.
 async fn takeover(core: &Core, dead: &skyhold_db::ms::MgmtServer) -> Result<(), CoreError> {
     let owner = core.system_owner().await?;
-    let (jobs, hosts) = skyhold_db::retry_tx!(core.db(), |tx| {
+    let taken = skyhold_db::retry_tx!(core.db(), |tx| {
         async {
+            // The dead run may have been replaced by a new run of the same id meanwhile: its
+            // work is then that run's, not ours to take.
+            if !skyhold_db::ms::ms_is_down_run(&mut tx, &dead.id, &dead.run_id).await? {
+                return Ok::<_, CoreError>(None);
+            }
             let jobs = skyhold_db::job::job_takeover_of(&mut tx, &dead.id).await?;
             let hosts = skyhold_db::infra::host_release_of(&mut tx, &dead.id).await?;
             skyhold_db::ms::lock_release_all_of(&mut tx, &dead.id).await?;
@@ -253,10 +296,14 @@ async fn takeover(core: &Core, dead: &skyhold_db::ms::MgmtServer) -> Result<(), 
                 Some(("ManagementServer", &dead.id)),
             )
             .await?;
-            Ok::<_, CoreError>((jobs, hosts))
+            Ok::<_, CoreError>(Some((jobs, hosts)))
         }
         .await
     })?;
+    let Some((jobs, hosts)) = taken else {
+        tracing::info!(peer = %dead.id, "a new run of the server registered before the takeover; nothing to take");
+        return Ok(());
+    };
     tracing::warn!(
         peer = %dead.id,
         run_id = %dead.run_id,
@@ -325,6 +372,15 @@ pub async fn drain(core: &Core) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn heartbeat_settings_keep_fencing_first() {
+        assert!(super::validate_heartbeat(500, 2500).is_ok());
+        assert!(super::validate_heartbeat(1500, 2500).is_err());
+        assert!(super::validate_heartbeat(700, 2500).is_err());
+        assert!(super::validate_heartbeat(10, 2500).is_err());
+        assert!(super::validate_heartbeat(100, 400).is_err());
+    }
+
     #[test]
     fn self_fence_precedes_takeover() {
         for threshold in [100i64, 2500, 10_000, 150_000] {

@@ -304,3 +304,18 @@ pub async fn ms_transition(c: &mut dyn Sql, id: &str, run_id: &str, from: &str, 
         .rows_affected();
     Ok(n == 1)
 }
+
+/// Is the row of `id` still Down with run `run_id`? Locks the row (MySQL) so a concurrent
+/// re-registration of the same id waits for the caller's transaction.
+pub async fn ms_is_down_run(c: &mut dyn Sql, id: &str, run_id: &str) -> Result<bool, DbError> {
+    let (conn, dl) = c.parts();
+    let r = sqlx::query(&sql(dl, "SELECT state, run_id FROM management_server WHERE id = ? {for_update}"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+        .ctx("read management server")?;
+    match r {
+        Some(r) => Ok(get_str(&r, "state")? == "Down" && get_str(&r, "run_id")? == run_id),
+        None => Ok(false),
+    }
+}

@@ -1246,9 +1246,15 @@ mod partition_self_fences {
     fn mysql_refuse() {
         super::partition_self_fences(super::Cut::Refuse, None)
     }
-    /// CloudStack's own default heartbeat interval (1500 ms) with Skyhold's threshold (2500 ms).
+    /// CloudStack's own default heartbeat interval (1500 ms) with Skyhold's threshold (2500 ms):
+    /// refused (it would leave no room to renew before the self-fence), or fenced in time.
     #[test]
     fn mysql_heartbeat_interval_1500() {
         super::partition_self_fences(super::Cut::Blackhole, Some("1500"))
+    }
+    /// The slowest accepted interval for the default threshold: the self-fence still comes first.
+    #[test]
+    fn mysql_heartbeat_interval_600() {
+        super::partition_self_fences(super::Cut::Blackhole, Some("600"))
     }
 }

@@ -88,6 +88,21 @@ pub async fn update_configuration(ctx: &Ctx<'_>) -> HResult {
     } else {
         validate(def, raw).map_err(|e| p.invalid("value", &e))?
     };
+    // The heartbeat pair must keep self-fencing ahead of takeover.
+    {
+        use skyhold_types::settings::{CLUSTER_HEARTBEAT_INTERVAL as I, CLUSTER_HEARTBEAT_THRESHOLD as T};
+        if def.name == I || def.name == T {
+            let st = ctx.core.settings();
+            let (mut interval, mut threshold) = (st.get_i64(I), st.get_i64(T));
+            let v: i64 = value.parse().unwrap_or(0);
+            if def.name == I {
+                interval = v;
+            } else {
+                threshold = v;
+            }
+            skyhold_core::membership::validate_heartbeat(interval, threshold).map_err(|e| p.invalid("value", &e))?;
+        }
+    }
     let owner = ctx.caller.owner();
     let core = ctx.core;
     skyhold_db::retry_tx!(core.db(), |tx| {
