@@ -132,6 +132,8 @@ backends! {
     retry_tx_real_lock_conflict => sqlite_retry_tx_real_lock_conflict, mysql_retry_tx_real_lock_conflict;
     retry_tx_non_retryable_db_error => sqlite_retry_tx_non_retryable_db_error, mysql_retry_tx_non_retryable_db_error;
     crypto_secrets_in_users => sqlite_crypto_secrets_in_users, mysql_crypto_secrets_in_users;
+    cluster_locks => sqlite_cluster_locks, mysql_cluster_locks;
+    membership_down_and_takeover => sqlite_membership_down_and_takeover, mysql_membership_down_and_takeover;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1681,4 +1683,85 @@ async fn crypto_secrets_in_users(db: Db) {
     let by_name = account::user_fetch_by_name(&mut c, "u-a", "/").await.unwrap().expect("by name");
     assert_eq!(by_name.id, "u-a");
     assert!(account::user_fetch_by_api_key(&mut c, "api-none").await.unwrap().is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Named locks and the Down declaration
+// ---------------------------------------------------------------------------------------------
+
+async fn cluster_locks(db: Db) {
+    migrated(&db).await;
+    let mut c = db.conn().await.unwrap();
+    let g1 = ms::lock_acquire(&mut c, "gc", "ms-1", "r1", 60_000).await.unwrap().expect("free lock taken");
+    assert_eq!(g1.gen_, 1);
+    // Renewal by the holder keeps the generation; another server is refused while it is held.
+    assert_eq!(ms::lock_acquire(&mut c, "gc", "ms-1", "r1", 60_000).await.unwrap().unwrap().gen_, 1);
+    assert!(ms::lock_acquire(&mut c, "gc", "ms-2", "r9", 60_000).await.unwrap().is_none());
+    // A new run of the same server is another holder.
+    assert!(ms::lock_acquire(&mut c, "gc", "ms-1", "r2", 60_000).await.unwrap().is_none());
+    // Other names are independent.
+    assert_eq!(ms::lock_acquire(&mut c, "scanner", "ms-2", "r9", 60_000).await.unwrap().unwrap().gen_, 1);
+    // Released: the next holder gets a higher generation (a fencing token).
+    assert!(ms::lock_release(&mut c, "gc", "ms-1", "r1").await.unwrap());
+    assert!(!ms::lock_release(&mut c, "gc", "ms-1", "r1").await.unwrap());
+    assert_eq!(ms::lock_acquire(&mut c, "gc", "ms-2", "r9", 1).await.unwrap().unwrap().gen_, 2);
+    // An expired lease is taken over, bumping the generation again.
+    let t = skyhold_db::now_ms(&mut c).await.unwrap();
+    drop(c);
+    wait_db_past(&db, t + 5).await;
+    let mut c = db.conn().await.unwrap();
+    assert_eq!(ms::lock_acquire(&mut c, "gc", "ms-3", "r3", 60_000).await.unwrap().unwrap().gen_, 3);
+    // A dead holder's locks are freed by the takeover.
+    assert_eq!(ms::lock_release_all_of(&mut c, "ms-3").await.unwrap(), 1);
+    assert_eq!(ms::lock_acquire(&mut c, "gc", "ms-1", "r1", 60_000).await.unwrap().unwrap().gen_, 4);
+}
+
+async fn membership_down_and_takeover(db: Db) {
+    migrated(&db).await;
+    let server = |id: &str, run: &str| MgmtServer {
+        id: id.into(),
+        run_id: run.into(),
+        name: id.into(),
+        version: "0.1.0".into(),
+        service_ip: "192.0.2.1".into(),
+        api_port: 8080,
+        agent_port: 8250,
+        cluster_port: 9090,
+        state: "Up".into(),
+        last_heartbeat_ms: 0,
+        started_ms: 0,
+        created_ms: 0,
+        heartbeat_age_ms: 0,
+    };
+    let mut c = db.conn().await.unwrap();
+    ms::ms_register(&mut c, &server("ms-a", "run-a")).await.unwrap();
+    // Fresh heartbeat: not declared down.
+    assert!(!ms::ms_declare_down(&mut c, "ms-a", "run-a", 60_000).await.unwrap());
+    let hb = ms::ms_fetch(&mut c, "ms-a").await.unwrap().unwrap().last_heartbeat_ms;
+    drop(c);
+    wait_db_past(&db, hb + 20).await;
+    // Several survivors race: exactly one wins.
+    let mut wins = 0;
+    for _ in 0..4 {
+        let mut c = db.conn().await.unwrap();
+        if ms::ms_declare_down(&mut c, "ms-a", "run-a", 10).await.unwrap() {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1);
+    let mut c = db.conn().await.unwrap();
+    assert!(ms::ms_is_down_run(&mut c, "ms-a", "run-a").await.unwrap());
+    // The dead run cannot heartbeat any more.
+    assert!(!ms::ms_heartbeat(&mut c, "ms-a", "run-a").await.unwrap());
+    // A new run of the same id replaces the row: the old run's takeover must no longer apply.
+    ms::ms_register(&mut c, &server("ms-a", "run-b")).await.unwrap();
+    assert!(!ms::ms_is_down_run(&mut c, "ms-a", "run-a").await.unwrap());
+    assert!(ms::ms_heartbeat(&mut c, "ms-a", "run-b").await.unwrap());
+    // Drain requests and cancels are conditional on the state.
+    assert!(ms::ms_request_drain(&mut c, "ms-a").await.unwrap());
+    assert!(!ms::ms_request_drain(&mut c, "ms-a").await.unwrap());
+    assert!(ms::ms_transition(&mut c, "ms-a", "run-b", "PreparingForShutdown", "ReadyForShutdown").await.unwrap());
+    assert!(ms::ms_cancel_drain(&mut c, "ms-a").await.unwrap());
+    assert!(!ms::ms_transition(&mut c, "ms-a", "run-b", "PreparingForShutdown", "ReadyForShutdown").await.unwrap());
+    assert_eq!(ms::ms_fetch(&mut c, "ms-a").await.unwrap().unwrap().state, "Up");
 }

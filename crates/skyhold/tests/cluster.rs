@@ -49,3 +49,48 @@ mod takeover_mid_step {
         super::takeover_mid_step(super::Backend::MySql)
     }
 }
+
+/// A job claimed by a server that does not hold the host's agent connection sends its command
+/// through the peer channel to the server that does.
+#[test]
+fn commands_are_forwarded_to_the_server_holding_the_host() {
+    let Some(mut c) = Cloud::start(Backend::Sqlite, 0) else { return };
+    c.start_server("ms2");
+    // The agent knows ms2 only: its hosts are held by ms2.
+    let ms2_agent = format!("127.0.0.1:{}", c.servers[1].2);
+    let log = c.path("agent-fw.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(BIN)
+        .args(["agent", "--mgmt", &ms2_agent, &format!("--token={}", c.agent_token), "--simulator", "--hosts", "2"])
+        .args(["--agent-id", "fw"])
+        .arg("--ledger")
+        .arg(c.ledger())
+        .stdin(std::process::Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    c.agents.push(Proc { name: "agent-fw".into(), child, log });
+    c.wait_hosts_up(2);
+    let hosts = c.ok("listHosts", &[]);
+    assert!(hosts["host"].as_array().unwrap().iter().all(|h| h["managementserverid"] == "ms2"), "{hosts}");
+    // Submit through ms1: it is woken first and claims the jobs.
+    for i in 0..6 {
+        let (_, j) = c.deploy(&format!("fw{i}"), "Small Instance", &[]);
+        assert_eq!(j["jobstatus"], 1, "{j}");
+    }
+    let ms1_log = std::fs::read_to_string(&c.servers[0].0.log).unwrap();
+    let forwarded = ms1_log.lines().filter(|l| l.contains("forwarded agent command through the peer")).count();
+    assert!(forwarded >= 1, "ms1 ran some jobs by forwarding through ms2:\n{ms1_log}");
+    eprintln!("{forwarded} of 6 deploys were run by ms1 through ms2");
+    // A forged peer request is refused: the channel is authenticated.
+    use std::io::{BufRead, BufReader, Write};
+    let peer_port: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.path("ms2.ports")).unwrap()).unwrap();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", peer_port["cluster"].as_u64().unwrap() as u16)).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    writeln!(s, r#"{{"from":"evil","ts_ms":{now},"nonce":"n","mac":"AAAA","body":{{"op":"wake"}}}}"#).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.contains("refused"), "{line}");
+}

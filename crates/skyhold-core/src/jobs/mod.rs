@@ -170,7 +170,10 @@ impl JobCtx {
             timeout_ms: left.as_millis() as u64,
         };
         match crate::peer::call(&self.core, &peer.id, &peer.peer_addr, req, left + Duration::from_secs(1)).await {
-            Ok(crate::peer::PeerResp::Result { result }) => Ok(Some(result)),
+            Ok(crate::peer::PeerResp::Result { result }) => {
+                tracing::info!(job = %self.job.id, host = %host_id, peer = %peer.id, step, "forwarded agent command through the peer holding the host");
+                Ok(Some(result))
+            }
             _ => Ok(None),
         }
     }
