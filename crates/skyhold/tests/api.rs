@@ -3,7 +3,6 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::collections::HashMap;
 
 /// Generate a SQLite and a MariaDB test from one body taking a `Backend`.
 macro_rules! both {
@@ -19,41 +18,6 @@ macro_rules! both {
             }
         }
     };
-}
-
-fn ledger(c: &Cloud) -> Vec<Value> {
-    std::fs::read_to_string(c.ledger())
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("ledger line"))
-        .collect()
-}
-
-/// Every (job, step) executed at most once, and no VM running on two hosts at once.
-fn assert_ledger_invariants(c: &Cloud) {
-    let l = ledger(c);
-    let mut seen = HashMap::new();
-    for e in l.iter().filter(|e| e["kind"] == "exec") {
-        let k = (e["job"].to_string(), e["step"].to_string(), e["host"].to_string());
-        assert!(seen.insert(k.clone(), ()).is_none(), "(job, step) executed twice: {k:?}");
-    }
-    let mut running: HashMap<String, String> = HashMap::new();
-    for e in l.iter().filter(|e| e["kind"] == "exec" && e["outcome"] == "ok") {
-        let vm = e["vm"].as_str().unwrap_or("").to_string();
-        let host = e["host"].as_str().unwrap_or("").to_string();
-        match e["state"].as_str() {
-            Some("Running") => {
-                if let Some(h) = running.get(&vm) {
-                    assert_eq!(h, &host, "VM {vm} running on two hosts");
-                }
-                running.insert(vm, host);
-            }
-            _ => {
-                running.remove(&vm);
-            }
-        }
-    }
 }
 
 fn vm_lifecycle(b: Backend) {
@@ -123,13 +87,14 @@ fn vm_lifecycle(b: Backend) {
         assert!(types.contains(&t), "missing event {t}: {types:?}");
     }
     // Ground truth: the agent executed start, stop, start, reboot, stop, start, destroy.
-    let ops: Vec<String> = ledger(&c)
+    let ops: Vec<String> = c
+        .ledger_entries()
         .iter()
         .filter(|e| e["kind"] == "exec" && e["vm"] == id.as_str())
         .map(|e| e["op"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ops, ["start", "stop", "start", "reboot", "stop", "start", "destroy"]);
-    assert_ledger_invariants(&c);
+    c.assert_ledger_invariants();
 }
 both!(vm_lifecycle);
 
@@ -141,7 +106,7 @@ fn deploy_stopped_and_paging(b: Backend) {
         assert_eq!(j["jobresult"]["virtualmachine"]["state"], "Stopped");
         ids.push(id);
     }
-    assert!(ledger(&c).is_empty(), "startvm=false must not touch a host");
+    assert!(c.ledger_entries().is_empty(), "startvm=false must not touch a host");
     let l = c.ok("listVirtualMachines", &[("page", "3"), ("pagesize", "3")]);
     assert_eq!(l["count"], 7, "count is the total across pages");
     assert_eq!(l["virtualmachine"].as_array().unwrap().len(), 1);
@@ -188,7 +153,7 @@ fn capacity_and_failures(b: Backend) {
     assert!(vm.get("hostid").is_none() || vm["hostid"].is_null(), "no host held: {vm}");
     let after = c.ok("listVirtualMachines", &[])["count"].as_i64().unwrap_or(0);
     assert_eq!(after, before + 3);
-    assert_ledger_invariants(&c);
+    c.assert_ledger_invariants();
 }
 both!(capacity_and_failures);
 
@@ -289,8 +254,16 @@ fn bad_input(b: Backend) {
     let r = ureq::post(&c.base())
         .set("Content-Type", "application/x-www-form-urlencoded")
         .send_string(&format!("command=listZones&name={huge}"));
-    let (st, v) = into(r);
-    assert!(st == 430 || st == 431, "{st} {v}");
+    match r {
+        // The server answers as soon as the limit is crossed and closes: the client may still be
+        // writing the body and see the connection close instead of reading the answer.
+        Err(ureq::Error::Transport(t)) => eprintln!("oversized body: connection closed early ({t})"),
+        other => {
+            let (st, v) = into(other);
+            assert!(st == 430 || st == 431, "{st} {v}");
+        }
+    }
+    assert_eq!(c.api("listZones", &[]).0, 200, "the server is fine after an oversized body");
     let (st, v) = get(&format!("{}?command=listZones&name={}", c.base(), "y".repeat(40 * 1024)));
     assert!(st == 430 || st == 431, "{st} {v}");
     let (st, _) = get(&format!("{}?command=listZones&%ZZ=%FF%FE&response=json", c.base()));
@@ -452,7 +425,8 @@ fn jobs_on_one_vm_run_in_order(b: Backend) {
     for j in &jobs {
         assert_eq!(c.wait_job(j)["jobstatus"], 1);
     }
-    let ops: Vec<String> = ledger(&c)
+    let ops: Vec<String> = c
+        .ledger_entries()
         .iter()
         .filter(|e| e["kind"] == "exec" && e["vm"] == id.as_str())
         .map(|e| e["op"].as_str().unwrap().to_string())
@@ -460,7 +434,7 @@ fn jobs_on_one_vm_run_in_order(b: Backend) {
     assert_eq!(ops, ["start", "stop", "start", "reboot", "stop", "start"]);
     let all = c.ok("listAsyncJobs", &[]);
     assert!(all["count"].as_i64().unwrap() >= 6);
-    assert_ledger_invariants(&c);
+    c.assert_ledger_invariants();
 }
 both!(jobs_on_one_vm_run_in_order);
 

@@ -36,45 +36,10 @@ macro_rules! both {
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-fn ledger(c: &Cloud) -> Vec<Value> {
-    std::fs::read_to_string(c.ledger())
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("ledger line"))
-        .collect()
-}
-
-/// Every (job, step) executed at most once, and no VM running on two hosts at once (as in api.rs).
-fn assert_ledger_invariants(c: &Cloud) {
-    let l = ledger(c);
-    let mut seen = HashMap::new();
-    for e in l.iter().filter(|e| e["kind"] == "exec") {
-        let k = (e["job"].to_string(), e["step"].to_string(), e["host"].to_string());
-        assert!(seen.insert(k.clone(), ()).is_none(), "(job, step) executed twice: {k:?}");
-    }
-    let mut running: HashMap<String, String> = HashMap::new();
-    for e in l.iter().filter(|e| e["kind"] == "exec" && e["outcome"] == "ok") {
-        let vm = e["vm"].as_str().unwrap_or("").to_string();
-        let host = e["host"].as_str().unwrap_or("").to_string();
-        match e["state"].as_str() {
-            Some("Running") => {
-                if let Some(h) = running.get(&vm) {
-                    assert_eq!(h, &host, "VM {vm} running on two hosts");
-                }
-                running.insert(vm, host);
-            }
-            _ => {
-                running.remove(&vm);
-            }
-        }
-    }
-}
-
 /// Where each VM runs according to the ledger (replaying every successful execution in order).
 fn ledger_running(c: &Cloud) -> HashMap<String, String> {
     let mut running = HashMap::new();
-    for e in ledger(c).iter().filter(|e| e["kind"] == "exec" && e["outcome"] == "ok") {
+    for e in c.ledger_entries().iter().filter(|e| e["kind"] == "exec" && e["outcome"] == "ok") {
         let vm = e["vm"].as_str().unwrap_or("").to_string();
         if e["state"] == "Running" {
             running.insert(vm, e["host"].as_str().unwrap_or("").to_string());
@@ -518,7 +483,7 @@ fn takeover_under_load(b: Backend) {
     assert_eq!(ok, 30, "every deploy fits easily on 20 hosts and should succeed: {finals:?}");
     let stuck: Vec<Value> = all_jobs(&mut cl).into_iter().filter(|j| j["jobstatus"] == 0).collect();
     assert!(stuck.is_empty(), "jobs pending in the database: {stuck:?}");
-    assert_ledger_invariants(&c);
+    c.assert_ledger_invariants();
     // The database agrees with the agent: each Running VM runs where the database says.
     let running = ledger_running(&c);
     let names: HashMap<String, String> = hosts(&c)
@@ -808,7 +773,7 @@ fn chaos(b: Backend) {
     assert_eq!(agentcount, 50, "every host connected to exactly one server: {live:?}");
 
     // The agent's ground truth.
-    assert_ledger_invariants(&c);
+    c.assert_ledger_invariants();
     let running = ledger_running(&c);
     let names: HashMap<String, String> = hosts(&c)
         .iter()
@@ -846,7 +811,7 @@ fn chaos(b: Backend) {
 
     // What the crashes cost, as the agent saw it, and what the servers complained about.
     let mut kinds: HashMap<String, usize> = HashMap::new();
-    for e in ledger(&c) {
+    for e in c.ledger_entries() {
         *kinds.entry(e["kind"].as_str().unwrap_or("?").to_string()).or_default() += 1;
     }
     let mut errors: HashMap<String, usize> = HashMap::new();
@@ -1186,7 +1151,7 @@ fn partition_self_fences(how: Cut, interval: Option<&str>) {
         assert_eq!(first_ms2.grants.len(), 4, "{first_ms2:?}");
         let mut stale = 0;
         let mut inflight_old = Value::Null;
-        for e in ledger(c) {
+        for e in c.ledger_entries() {
             let host = e["host"].as_str().unwrap_or("");
             let generation = e["generation"].as_u64().unwrap_or(0);
             let (g1, g2) = (old.get(host).copied().unwrap_or(0), first_ms2.grants[host]);
@@ -1212,7 +1177,7 @@ fn partition_self_fences(how: Cut, interval: Option<&str>) {
         (stale, inflight_old)
     };
     let (stale, inflight_old) = check_generations(&c);
-    assert_ledger_invariants(&c);
+    c.assert_ledger_invariants();
 
     // Heal: ms1 sees it was marked Down and exits (219) rather than acting again.
     let healed = Instant::now();
@@ -1228,7 +1193,7 @@ fn partition_self_fences(how: Cut, interval: Option<&str>) {
     assert!(hs.iter().all(|h| h["state"] == "Up" && h["managementserverid"] == "ms2"), "{hs:?}");
     assert_eq!(agent_sessions(&c).iter().filter(|s| s.ms_id == "ms1").count(), 1, "the agent never went back to ms1");
     check_generations(&c);
-    assert_ledger_invariants(&c);
+    c.assert_ledger_invariants();
     eprintln!(
         "partition ({how:?}): {stale} stale-generation refusal(s) in the ledger; ms1's in-flight StartVm: {} {} ms \
          after the cut",

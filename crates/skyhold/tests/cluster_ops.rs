@@ -120,41 +120,6 @@ fn print_error_lines(c: &Cloud) {
     }
 }
 
-fn ledger(c: &Cloud) -> Vec<Value> {
-    std::fs::read_to_string(c.ledger())
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("ledger line"))
-        .collect()
-}
-
-/// Every (job, step) executed at most once, and no VM running on two hosts at once.
-fn assert_ledger_invariants(c: &Cloud) {
-    let l = ledger(c);
-    let mut seen = HashMap::new();
-    for e in l.iter().filter(|e| e["kind"] == "exec") {
-        let k = (e["job"].to_string(), e["step"].to_string(), e["host"].to_string());
-        assert!(seen.insert(k.clone(), ()).is_none(), "(job, step) executed twice: {k:?}");
-    }
-    let mut running: HashMap<String, String> = HashMap::new();
-    for e in l.iter().filter(|e| e["kind"] == "exec" && e["outcome"] == "ok") {
-        let vm = e["vm"].as_str().unwrap_or("").to_string();
-        let host = e["host"].as_str().unwrap_or("").to_string();
-        match e["state"].as_str() {
-            Some("Running") => {
-                if let Some(h) = running.get(&vm) {
-                    assert_eq!(h, &host, "VM {vm} running on two hosts");
-                }
-                running.insert(vm, host);
-            }
-            _ => {
-                running.remove(&vm);
-            }
-        }
-    }
-}
-
 /// Run `skyhold` with arguments; returns (success, stdout, stderr).
 fn run_cli(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run skyhold");
@@ -660,7 +625,7 @@ fn rolling_restart_under_load(b: Backend) {
         let want = if s.running { "Running" } else { "Stopped" };
         assert_eq!(c.vm(&s.id)["state"], want, "VM {} after its last job", s.id);
     }
-    assert_ledger_invariants(&c);
+    c.assert_ledger_invariants();
     let all_up = wait_for(Duration::from_secs(20), || {
         let h = c.ok("listHosts", &[]);
         let a = h["host"].as_array().cloned().unwrap_or_default();
