@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 pub const JOB_LEASE_MS: i64 = 15_000;
 /// Jobs one server runs at once.
 pub const MAX_CONCURRENT_JOBS: usize = 64;
+/// Jobs claimed per round.
+pub const CLAIM_BATCH: usize = 8;
 
 /// A job being run by this server, with the generation its writes must carry.
 pub struct JobCtx {
@@ -193,14 +195,24 @@ pub async fn run_executor(core: Core) {
     let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_JOBS));
     loop {
         if core.is_registered() && !core.is_shutting_down() {
-            let free = sem.available_permits();
-            if free > 0 {
+            // Claim a bounded batch per round, so that after a takeover the survivors share the
+            // dead server's jobs instead of the fastest one taking them all.
+            let take = sem.available_permits().min(CLAIM_BATCH);
+            if take > 0 {
                 let ms_id = core.ms().id.clone();
                 let claimed: Result<Vec<Claimed>, CoreError> = retry_tx!(core.db(), |tx| {
-                    async { Ok::<_, CoreError>(job_claim(&mut tx, &ms_id, JOB_LEASE_MS, free as i64).await?) }.await
+                    async { Ok::<_, CoreError>(job_claim(&mut tx, &ms_id, JOB_LEASE_MS, take as i64).await?) }.await
                 });
                 match claimed {
                     Ok(list) => {
+                        if list.len() == take {
+                            // Possibly more waiting: come back soon, after the peers had a turn.
+                            let core = core.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                core.wake_jobs();
+                            });
+                        }
                         for c in list {
                             let Ok(permit) = sem.clone().acquire_owned().await else { break };
                             let core = core.clone();
