@@ -19,6 +19,7 @@ pub mod infra;
 pub mod job;
 pub mod migrate;
 pub mod ms;
+pub mod props;
 pub mod vm;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};

@@ -437,3 +437,14 @@ pub async fn drop_everything(db: &Db) -> Result<(), DbError> {
     }
     Ok(())
 }
+
+/// Copy a SQLite database to `path` as one consistent snapshot (`VACUUM INTO`).
+pub async fn sqlite_backup(db: &Db, path: &str) -> Result<(), DbError> {
+    let mut c = db.conn().await?;
+    let (conn, d) = c.parts();
+    if d != Dialect::Sqlite {
+        return Err(DbError::Schema("VACUUM INTO is for SQLite databases".into()));
+    }
+    sqlx::query("VACUUM INTO ?").bind(path).execute(conn).await.ctx("back up the database")?;
+    Ok(())
+}

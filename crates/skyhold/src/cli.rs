@@ -31,6 +31,31 @@ pub enum Cmd {
     Account(AccountArgs),
     /// Inspect and steer the management server cluster.
     Cluster(ClusterArgs),
+    /// The node's encryption key: fingerprint, and ENC(...) values for config files.
+    Keys(KeysArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    pub action: KeysAction,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum KeysAction {
+    /// Show the key file's fingerprint and, if the database is reachable, whether it is the
+    /// cluster's key.
+    Show {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Print VALUE encrypted with the node's key as ENC(...), for db.properties.
+    Encrypt {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The value to encrypt.
+        value: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -81,6 +106,10 @@ pub struct NodeArgs {
     /// Encryption key file (default: DATA_DIR/key). Every server of a cluster needs the same one.
     #[arg(long, env = "SKYHOLD_KEY_FILE")]
     pub key_file: Option<PathBuf>,
+    /// Read the database settings from a CloudStack db.properties file (db.cloud.host, ...;
+    /// ENC(...) values decrypted with the key file). --db wins over it.
+    #[arg(long, env = "SKYHOLD_DB_PROPERTIES")]
+    pub db_properties: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -208,6 +237,15 @@ pub enum DbAction {
     Status {
         #[command(flatten)]
         node: NodeArgs,
+    },
+    /// Write a consistent copy of the database (SQLite: VACUUM INTO; MariaDB: mariadb-dump
+    /// --single-transaction). Back up before `db migrate`.
+    Backup {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 

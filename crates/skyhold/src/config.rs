@@ -48,12 +48,28 @@ impl Node {
             .clone()
             .or_else(|| file.data_dir.clone())
             .unwrap_or_else(|| PathBuf::from("/var/lib/skyhold"));
-        let db_url = match args.db.clone().or_else(|| file.db.clone()) {
-            Some(u) => u,
-            None => format!("sqlite://{}", absolute(&data_dir.join("skyhold.db")).display()),
-        };
         let key_file = args.key_file.clone().or_else(|| file.key_file.clone()).unwrap_or_else(|| data_dir.join("key"));
-        Ok(Node { data_dir, db_url, key_file, max_connections: file.db_max_connections.unwrap_or(32) })
+        let mut max_connections = file.db_max_connections.unwrap_or(32);
+        let db_url = match (args.db.clone().or_else(|| file.db.clone()), &args.db_properties) {
+            (Some(u), _) => u,
+            (None, Some(path)) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("read db.properties {}", path.display()))?;
+                let key = if key_file.exists() { Some(Key::load(&key_file)?) } else { None };
+                let props = skyhold_db::props::DbProperties::parse(&text, key.as_ref())?;
+                max_connections = props.max_active;
+                if props.endpoints.len() > 1 {
+                    tracing::warn!(
+                        endpoints = props.endpoints.len(),
+                        "db.properties lists several database endpoints; this build connects to the first \
+                         (failover between endpoints is not implemented yet)"
+                    );
+                }
+                props.url(0)
+            }
+            (None, None) => format!("sqlite://{}", absolute(&data_dir.join("skyhold.db")).display()),
+        };
+        Ok(Node { data_dir, db_url, key_file, max_connections })
     }
 
     pub fn ensure_data_dir(&self) -> Result<()> {

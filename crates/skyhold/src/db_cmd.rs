@@ -24,6 +24,16 @@ pub async fn run(a: DbArgs) -> Result<u8> {
             println!("{}", json!({ "applied": applied, "version": st.current, "latest": st.latest }));
             Ok(0)
         }
+        DbAction::Backup { node, out } => {
+            let file = FileConfig::load(node.config.as_deref())?;
+            let n = Node::resolve(&node, &file)?;
+            backup(&n, &out).await?;
+            println!(
+                "{}",
+                json!({ "backup": out.display().to_string(), "database": skyhold_db::redact_url(&n.db_url) })
+            );
+            Ok(0)
+        }
         DbAction::Status { node } => {
             let file = FileConfig::load(node.config.as_deref())?;
             let n = Node::resolve(&node, &file)?;
@@ -98,4 +108,66 @@ pub async fn account(a: AccountArgs) -> Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// A consistent copy of the database: `VACUUM INTO` for SQLite (a snapshot, safe while servers
+/// run), `mariadb-dump --single-transaction` for MariaDB/MySQL.
+async fn backup(n: &Node, out: &std::path::Path) -> Result<()> {
+    if out.exists() {
+        bail!("{} exists: choose a new file for the backup", out.display());
+    }
+    if let Some(path) = n.db_url.strip_prefix("sqlite://") {
+        if !std::path::Path::new(path).exists() {
+            bail!("no SQLite database at {path}");
+        }
+        let db = n.open_db(false).await?;
+        skyhold_db::migrate::sqlite_backup(&db, &out.display().to_string()).await?;
+        return Ok(());
+    }
+    // mysql://user:pass@host:port/name
+    let rest = n.db_url.split_once("://").map(|(_, r)| r).unwrap_or("");
+    let (cred, hostpart) = rest.rsplit_once('@').context("the database URL has no user@host part")?;
+    let (user, pass) = cred.split_once(':').unwrap_or((cred, ""));
+    let (hostport, name) = hostpart.split_once('/').context("the database URL has no database name")?;
+    let name = name.split('?').next().unwrap_or(name);
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "3306"));
+    let decode = |s: &str| -> String {
+        let mut outb = Vec::new();
+        let b = s.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%'
+                && i + 2 < b.len()
+                && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                outb.push(v);
+                i += 3;
+                continue;
+            }
+            outb.push(b[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&outb).to_string()
+    };
+    let dump = ["mariadb-dump", "mysqldump"]
+        .into_iter()
+        .find(|b| std::process::Command::new(b).arg("--version").output().is_ok())
+        .context("neither mariadb-dump nor mysqldump is installed (apt-get install mariadb-client)")?;
+    let file = std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?;
+    let st = std::process::Command::new(dump)
+        .args(["--single-transaction", "--routines", "--triggers", "--protocol=TCP"])
+        .arg(format!("--host={host}"))
+        .arg(format!("--port={port}"))
+        .arg(format!("--user={}", decode(user)))
+        .arg("--databases")
+        .arg(name)
+        .env("MYSQL_PWD", decode(pass))
+        .stdout(file)
+        .status()
+        .with_context(|| format!("run {dump}"))?;
+    if !st.success() {
+        let _ = std::fs::remove_file(out);
+        bail!("{dump} failed ({st})");
+    }
+    Ok(())
 }

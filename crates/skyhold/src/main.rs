@@ -8,6 +8,7 @@ mod cluster_cmd;
 mod config;
 mod db_cmd;
 mod demo;
+mod keys_cmd;
 mod server_cmd;
 
 use clap::Parser;
@@ -37,6 +38,7 @@ fn main() -> std::process::ExitCode {
             cli::Cmd::Db(a) => db_cmd::run(a).await,
             cli::Cmd::Account(a) => db_cmd::account(a).await,
             cli::Cmd::Cluster(a) => cluster_cmd::run(a).await,
+            cli::Cmd::Keys(a) => keys_cmd::run(a).await,
         }
     });
     match res {

@@ -237,3 +237,80 @@ fn server_reads_its_config_file_and_environment() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("colour"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn db_properties_keys_and_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // SQLite: backup is a consistent copy that opens as a Skyhold database.
+    run_ok(&["db", "init", "--data-dir", d]);
+    let out = dir.path().join("backup.db");
+    run_ok(&["db", "backup", "--data-dir", d, "--out", out.to_str().unwrap()]);
+    let st: Value = serde_json::from_str(&run_ok(&[
+        "db",
+        "status",
+        "--data-dir",
+        d,
+        "--db",
+        &format!("sqlite://{}", out.display()),
+    ]))
+    .unwrap();
+    assert_eq!(st["initialized"], true, "{st}");
+    let again = run(&["db", "backup", "--data-dir", d, "--out", out.to_str().unwrap()]);
+    assert!(!again.status.success(), "never overwrite a backup");
+    // keys show / encrypt.
+    let k: Value = serde_json::from_str(&run_ok(&["keys", "show", "--data-dir", d])).unwrap();
+    assert_eq!(k["matches_cluster"], true, "{k}");
+    let enc = run_ok(&["keys", "encrypt", "--data-dir", d, "skyhold"]);
+    assert!(enc.trim().starts_with("ENC(") && !enc.contains("skyhold"), "{enc}");
+
+    // MariaDB through a CloudStack db.properties file with an ENC() password.
+    let Ok(base) = std::env::var("SKYHOLD_TEST_MYSQL_URL") else {
+        assert!(std::env::var_os("CI").is_none(), "SKYHOLD_TEST_MYSQL_URL must be set under CI");
+        return;
+    };
+    let rest = base.trim_start_matches("mysql://");
+    let (cred, hostport) = rest.rsplit_once('@').unwrap();
+    let (user, pass) = cred.split_once(':').unwrap();
+    let (host, port) = hostport.trim_end_matches('/').rsplit_once(':').unwrap();
+    let enc_pass = run_ok(&["keys", "encrypt", "--data-dir", d, pass]).trim().to_string();
+    let name = format!("p_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let props = dir.path().join("db.properties");
+    std::fs::write(
+        &props,
+        format!(
+            "db.cloud.username={user}\ndb.cloud.password={enc_pass}\ndb.cloud.host={host}\ndb.cloud.port={port}\n\
+             db.cloud.name={name}\ndb.cloud.maxActive=20\ndb.ha.enabled=false\n"
+        ),
+    )
+    .unwrap();
+    // A second node directory with the same key (copied, as the seed says).
+    let node2 = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("key"), node2.path().join("key")).unwrap();
+    let n2 = node2.path().to_str().unwrap();
+    let init: Value =
+        serde_json::from_str(&run_ok(&["db", "init", "--data-dir", n2, "--db-properties", props.to_str().unwrap()]))
+            .unwrap();
+    assert!(init["database"].as_str().unwrap().starts_with("mysql://"), "{init}");
+    let st: Value =
+        serde_json::from_str(&run_ok(&["db", "status", "--data-dir", n2, "--db-properties", props.to_str().unwrap()]))
+            .unwrap();
+    assert_eq!(st["initialized"], true);
+    let dump = node2.path().join("dump.sql");
+    run_ok(&[
+        "db",
+        "backup",
+        "--data-dir",
+        n2,
+        "--db-properties",
+        props.to_str().unwrap(),
+        "--out",
+        dump.to_str().unwrap(),
+    ]);
+    let sql = std::fs::read_to_string(&dump).unwrap();
+    assert!(sql.contains("CREATE TABLE `async_job`") && sql.contains("INSERT INTO `schema_version`"), "dump content");
+    // A malformed file is refused, naming the key.
+    std::fs::write(&props, "db.cloud.port=many\n").unwrap();
+    let bad = run(&["db", "status", "--data-dir", n2, "--db-properties", props.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("db.cloud.port"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
