@@ -2,12 +2,17 @@
 # Run the Skyhold API benchmark on SQLite and on a throwaway MariaDB server.
 #
 #   bench/run.sh [extra skyhold-bench args, e.g. --duration-secs 30 --json-out bench.json]
+#   bench/run.sh cluster [extra skyhold-bench-cluster args, e.g. --rounds 20 --backend both]
+#
+# With `cluster` as the first argument it runs the failover and membership-load benchmark
+# (skyhold-bench-cluster, MariaDB by default) instead of the API benchmark.
 #
 # Steps:
 #   1. start a private MariaDB server exactly as scripts/test.sh does: datadir in /dev/shm, a random
 #      free port on 127.0.0.1, user skyhold/skyhold (it is stopped by PID and deleted on exit)
 #   2. cargo build --release -p skyhold -p skyhold-bench
 #   3. target/release/skyhold-bench --backend both --mysql-url mysql://skyhold:skyhold@127.0.0.1:PORT "$@"
+#      (or target/release/skyhold-bench-cluster --mysql-url ... "$@" with `cluster`)
 #
 # Needs mariadbd, mariadb and mariadb-install-db (Debian: apt-get install mariadb-server
 # mariadb-client; scripts/test.sh installs them).
@@ -196,5 +201,11 @@ fi
 if [ "${SKYHOLD_BENCH_SKIP_BUILD:-}" != 1 ]; then
     run_step cargo build --release -p skyhold -p skyhold-bench
 fi
-run_step target/release/skyhold-bench --skyhold target/release/skyhold \
-    --backend both --mysql-url "$MYSQL_URL" "$@"
+if [ "${1:-}" = cluster ]; then
+    shift
+    run_step target/release/skyhold-bench-cluster --skyhold target/release/skyhold \
+        --mysql-url "$MYSQL_URL" "$@"
+else
+    run_step target/release/skyhold-bench --skyhold target/release/skyhold \
+        --backend both --mysql-url "$MYSQL_URL" "$@"
+fi

@@ -5,25 +5,19 @@
 //!
 //! It prints figures; it asserts nothing about them. See `bench/README.md`.
 
-mod load;
-mod seed;
-mod server;
-mod sign;
-
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use load::{DbOp, Stats, Window, round3};
 use serde_json::{Value, json};
-use server::Server;
-use sign::Creds;
-use skyhold_db::{Db, DbConfig, Sql};
+use skyhold_bench::load::{self, DbOp, Stats, Window, round3};
+use skyhold_bench::server::{self, Server};
+use skyhold_bench::sign::{self, Creds};
+use skyhold_bench::util::{bench_profile, database_version, drop_mysql_database, loadavg, machine_info};
+use skyhold_bench::{STOP, seed};
+use skyhold_db::{Db, DbConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// Set on Ctrl-C: measurements end early, then everything is cleaned up.
-pub static STOP: AtomicBool = AtomicBool::new(false);
 
 /// The server's default page size (`default.page.size`, 500 unless changed in the database).
 const DEFAULT_PAGE: usize = 500;
@@ -142,12 +136,7 @@ fn run(args: Args) -> Result<bool> {
     }
     let skyhold = std::fs::canonicalize(&args.skyhold)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\ninterrupted: ending the measurement and cleaning up");
-            STOP.store(true, Ordering::Relaxed);
-        }
-    });
+    skyhold_bench::util::stop_on_ctrl_c(&rt);
 
     let machine = machine_info();
     let window = Window {
@@ -235,8 +224,8 @@ fn run_backend(
         Backend::Sqlite => (format!("sqlite://{}", dir.path().join("skyhold.db").display()), None),
         Backend::MySql => {
             let server = args.mysql_url.as_deref().unwrap_or_default().trim_end_matches('/').to_string();
-            let name = format!("skyhold_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-            (format!("{server}/{name}"), Some((server, name)))
+            let (url, name) = skyhold_bench::util::new_mysql_database(&server, "skyhold_bench_");
+            (url, Some((server, name)))
         }
     };
     println!("database: {}", skyhold_db::redact_url(&db_url));
@@ -379,27 +368,6 @@ fn measure(
     Ok((list_api, list_db, job_api, job_db))
 }
 
-async fn database_version(db: &Db) -> Result<String> {
-    let mut c = db.conn().await?;
-    let (conn, d) = c.parts();
-    let q = match d {
-        skyhold_db::Dialect::Sqlite => "SELECT 'SQLite ' || sqlite_version()",
-        skyhold_db::Dialect::MySql => "SELECT CAST(VERSION() AS CHAR)",
-    };
-    let v: String = sqlx::query_scalar(q).fetch_one(conn).await?;
-    Ok(v)
-}
-
-async fn drop_mysql_database(server_url: &str, name: &str) -> Result<()> {
-    use sqlx::Connection;
-    sqlx::any::install_default_drivers();
-    let url = server_url.replacen("mariadb://", "mysql://", 1);
-    let mut conn = sqlx::AnyConnection::connect(&url).await.context("connect to the MariaDB server")?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`")).execute(&mut conn).await?;
-    let _ = conn.close().await;
-    Ok(())
-}
-
 fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
@@ -458,35 +426,5 @@ fn report_json(r: &BackendReport) -> Value {
             "queryAsyncJobResult": ratios(&r.job_api, &r.job_db),
             "listVirtualMachines": ratios(&r.list_api, &r.list_db),
         },
-    })
-}
-
-fn bench_profile() -> &'static str {
-    if cfg!(debug_assertions) { "debug" } else { "release" }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn machine_info() -> Value {
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    json!({
-        "nproc": nproc,
-        "cpu": cpu,
-        "os": std::env::consts::OS,
-        "arch": std::env::consts::ARCH,
-        "loadavg_start": loadavg(),
     })
 }

@@ -10,6 +10,18 @@ use std::time::{Duration, Instant};
 /// `skyhold db init --seed`: schema, admin account and the demo zone/pod/offerings/templates.
 /// Returns the admin's API key pair.
 pub fn db_init(bin: &Path, data_dir: &Path, db_url: &str) -> Result<Creds> {
+    Ok(db_init_full(bin, data_dir, db_url)?.admin)
+}
+
+/// What `skyhold db init` hands out.
+pub struct Init {
+    pub admin: Creds,
+    /// The join token agents present (`skyhold agent --token`).
+    pub agent_token: String,
+}
+
+/// `skyhold db init --seed`, returning the admin's API keys and the agents' join token.
+pub fn db_init_full(bin: &Path, data_dir: &Path, db_url: &str) -> Result<Init> {
     let out = Command::new(bin)
         .args(["db", "init", "--seed", "--admin-password", "password", "--db", db_url])
         .arg("--data-dir")
@@ -25,7 +37,30 @@ pub fn db_init(bin: &Path, data_dir: &Path, db_url: &str) -> Result<Creds> {
     let field = |k: &str| -> Result<String> {
         v["admin"][k].as_str().map(str::to_string).with_context(|| format!("no admin.{k} in the output of db init"))
     };
-    Ok(Creds { api_key: field("apikey")?, secret: field("secretkey")? })
+    let admin = Creds { api_key: field("apikey")?, secret: field("secretkey")? };
+    let agent_token = v["agent_token"].as_str().context("no agent_token in the output of db init")?.to_string();
+    Ok(Init { admin, agent_token })
+}
+
+/// How to start one server.
+#[derive(Debug, Clone)]
+pub struct ServerOpts {
+    /// Prefix of its files in the data directory: `NAME.log`, `NAME.ports`.
+    pub name: String,
+    /// `--ms-id` (default: the id kept in the data directory).
+    pub ms_id: Option<String>,
+    /// API, agent and cluster ports; 0 picks a free one.
+    pub ports: [u16; 3],
+    /// `RUST_LOG` of the server (default: `$RUST_LOG`, else `info,sqlx=warn`).
+    pub rust_log: Option<String>,
+    /// Append to the log (a restarted server keeps its earlier runs' lines).
+    pub append_log: bool,
+}
+
+impl Default for ServerOpts {
+    fn default() -> Self {
+        ServerOpts { name: "server".into(), ms_id: None, ports: [0; 3], rust_log: None, append_log: false }
+    }
 }
 
 /// A running management server. Dropping it stops it.
@@ -33,23 +68,46 @@ pub struct Server {
     child: Option<Child>,
     pub pid: u32,
     pub api_port: u16,
+    pub agent_port: u16,
+    pub cluster_port: u16,
     pub log: PathBuf,
+    ports_file: PathBuf,
 }
 
 impl Server {
     /// Start `skyhold server` on free ports and wait until `/ready` answers 200.
     pub fn start(bin: &Path, data_dir: &Path, db_url: &str) -> Result<Server> {
-        let ports = data_dir.join("server.ports");
-        let log = data_dir.join("server.log");
-        let f = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into());
-        let child = Command::new(bin)
-            .args(["server", "--db", db_url, "--bind", "127.0.0.1"])
-            .args(["--api-port", "0", "--agent-port", "0", "--cluster-port", "0"])
+        let mut s = Server::spawn(bin, data_dir, db_url, &ServerOpts::default())?;
+        s.wait_ready(Duration::from_secs(60))?;
+        Ok(s)
+    }
+
+    /// Start `skyhold server` without waiting for it (see [`Server::wait_ready`]).
+    pub fn spawn(bin: &Path, data_dir: &Path, db_url: &str, o: &ServerOpts) -> Result<Server> {
+        let ports_file = data_dir.join(format!("{}.ports", o.name));
+        let _ = std::fs::remove_file(&ports_file);
+        let log = data_dir.join(format!("{}.log", o.name));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(o.append_log)
+            .truncate(!o.append_log)
+            .open(&log)
+            .with_context(|| format!("create {}", log.display()))?;
+        let rust_log =
+            o.rust_log.clone().or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info,sqlx=warn".into());
+        let [api, agent, cluster] = o.ports.map(|p| p.to_string());
+        let mut cmd = Command::new(bin);
+        cmd.args(["server", "--db", db_url, "--bind", "127.0.0.1"])
+            .args(["--api-port", &api, "--agent-port", &agent, "--cluster-port", &cluster])
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--ports-file")
-            .arg(&ports)
+            .arg(&ports_file);
+        if let Some(id) = &o.ms_id {
+            cmd.args(["--ms-id", id]);
+        }
+        let child = cmd
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
@@ -57,28 +115,39 @@ impl Server {
             .spawn()
             .with_context(|| format!("start {} server", bin.display()))?;
         let pid = child.id();
-        let mut s = Server { child: Some(child), pid, api_port: 0, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        Ok(Server { child: Some(child), pid, api_port: 0, agent_port: 0, cluster_port: 0, log, ports_file })
+    }
+
+    /// Wait for the ports file, then until `/ready` answers 200.
+    pub fn wait_ready(&mut self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
         loop {
-            if let Some(v) = std::fs::read_to_string(&ports).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
-                s.api_port = v["api"].as_u64().context("no api port in the ports file")? as u16;
+            if let Some(v) =
+                std::fs::read_to_string(&self.ports_file).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            {
+                let port = |k: &str| -> Result<u16> {
+                    Ok(v[k].as_u64().with_context(|| format!("no {k} port in the ports file"))? as u16)
+                };
+                self.api_port = port("api")?;
+                self.agent_port = port("agent")?;
+                self.cluster_port = port("cluster")?;
                 break;
             }
-            s.check_alive()?;
-            if Instant::now() > deadline || crate::STOP.load(std::sync::atomic::Ordering::Relaxed) {
-                bail!("the server did not write its ports file within 60 s\n{}", s.log_tail(30));
+            self.check_alive()?;
+            if Instant::now() > deadline || crate::stopped() {
+                bail!("the server did not write its ports file within {} s\n{}", within.as_secs(), self.log_tail(30));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let ready = format!("http://127.0.0.1:{}/ready", s.api_port);
+        let ready = format!("http://127.0.0.1:{}/ready", self.api_port);
         loop {
             match ureq::get(&ready).timeout(Duration::from_secs(5)).call() {
-                Ok(r) if r.status() == 200 => return Ok(s),
+                Ok(r) if r.status() == 200 => return Ok(()),
                 _ => {}
             }
-            s.check_alive()?;
-            if Instant::now() > deadline || crate::STOP.load(std::sync::atomic::Ordering::Relaxed) {
-                bail!("the server was not ready within 60 s\n{}", s.log_tail(30));
+            self.check_alive()?;
+            if Instant::now() > deadline || crate::stopped() {
+                bail!("the server was not ready within {} s\n{}", within.as_secs(), self.log_tail(30));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -86,6 +155,20 @@ impl Server {
 
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}/client/api", self.api_port)
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL by PID, then reap it. Returns once the process is gone.
+    pub fn kill9(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
     }
 
     fn check_alive(&mut self) -> Result<()> {

@@ -1,0 +1,470 @@
+//! `skyhold-bench-cluster`: management-server failover and membership load.
+//!
+//! 1. Failover: a cluster of 3 servers and H simulator agents. Each round SIGKILLs the server
+//!    holding the most agents while it runs K jobs, and times, from the kill: its `Down`
+//!    declaration, all its jobs claimed by survivors (and finished), and all its hosts Up on
+//!    another server. Then it restarts the server (same id and ports) and goes again.
+//! 2. Membership load: statements per second per idle server, at 3 and 10 servers.
+//!
+//! It prints figures; it asserts nothing about them. See `bench/README.md`.
+
+mod cloud;
+mod failover;
+mod idle;
+mod stats;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use cloud::Cloud;
+use serde_json::{Value, json};
+use skyhold_bench::util::{bench_profile, database_version, drop_mysql_database, loadavg, machine_info};
+use stats::Summary;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendArg {
+    Sqlite,
+    Mysql,
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    MySql,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::MySql => "mariadb",
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "skyhold-bench-cluster",
+    about = "Management-server failover (kill -9 under load) and membership load of a Skyhold cluster"
+)]
+struct Args {
+    /// The skyhold binary to benchmark.
+    #[arg(long, default_value = "target/release/skyhold")]
+    skyhold: PathBuf,
+    /// Which database(s) to run on.
+    #[arg(long, value_enum, default_value_t = BackendArg::Mysql)]
+    backend: BackendArg,
+    /// MariaDB/MySQL server URL without a database (mysql://USER:PASS@HOST:PORT); the bench
+    /// creates databases of its own there and drops them at the end.
+    #[arg(long, env = "SKYHOLD_BENCH_MYSQL_URL")]
+    mysql_url: Option<String>,
+    /// Failover rounds (kills).
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Management servers in the failover cluster.
+    #[arg(long, default_value_t = 3)]
+    servers: usize,
+    /// Simulator agent processes (1 or 2 hosts each, alternately).
+    #[arg(long, default_value_t = 6)]
+    agents: usize,
+    /// Running jobs the killed server should hold (K).
+    #[arg(long, default_value_t = 10)]
+    jobs: usize,
+    /// Simulated hypervisor latency of each agent command, so jobs are in flight at the kill.
+    #[arg(long, default_value_t = 3000)]
+    command_delay_ms: u64,
+    /// Give up making the target hold K jobs after this long (the round records what it held).
+    #[arg(long, default_value_t = 5)]
+    fill_timeout_secs: u64,
+    /// Give up waiting for a round's measures after this long.
+    #[arg(long, default_value_t = 60)]
+    round_timeout_secs: u64,
+    /// After a restart, wait at most this long for the jobs to end and the agents to spread.
+    #[arg(long, default_value_t = 30)]
+    settle_timeout_secs: u64,
+    /// Database polling interval of the measurements.
+    #[arg(long, default_value_t = 20)]
+    poll_ms: u64,
+    /// Idle cluster sizes for the membership load.
+    #[arg(long, value_delimiter = ',', default_value = "3,10")]
+    load_servers: Vec<usize>,
+    /// Measured seconds per membership-load window.
+    #[arg(long, default_value_t = 10)]
+    load_secs: u64,
+    /// Seconds between starting servers and measuring them.
+    #[arg(long, default_value_t = 5)]
+    load_warmup_secs: u64,
+    /// Skip the failover rounds.
+    #[arg(long)]
+    skip_failover: bool,
+    /// Skip the membership load.
+    #[arg(long)]
+    skip_load: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Parent directory of the temporary data directory (SQLite files, logs, ledgers).
+    #[arg(long)]
+    tmp_dir: Option<PathBuf>,
+    /// Keep the data directory and the MariaDB databases afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+struct BackendReport {
+    backend: Backend,
+    db_version: String,
+    failover: Option<failover::Report>,
+    idle: Option<idle::Report>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<bool> {
+    if args.servers < 2 || args.agents == 0 || args.jobs == 0 || args.load_secs == 0 {
+        bail!("--servers must be at least 2; --agents, --jobs and --load-secs at least 1");
+    }
+    let backends = match args.backend {
+        BackendArg::Sqlite => vec![Backend::Sqlite],
+        BackendArg::Mysql => vec![Backend::MySql],
+        BackendArg::Both => vec![Backend::Sqlite, Backend::MySql],
+    };
+    if backends.contains(&Backend::MySql) && args.mysql_url.is_none() {
+        bail!("--backend mysql/both needs --mysql-url mysql://USER:PASS@HOST:PORT (or SKYHOLD_BENCH_MYSQL_URL)");
+    }
+    if !args.skyhold.is_file() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p skyhold) or pass --skyhold PATH",
+            args.skyhold.display()
+        );
+    }
+    let skyhold = std::fs::canonicalize(&args.skyhold)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    skyhold_bench::util::stop_on_ctrl_c(&rt);
+    let machine = machine_info();
+    println!(
+        "skyhold-bench-cluster: {} rounds, {} servers, {} agents, K = {} jobs, agent command delay {} ms; \
+         membership load at {:?} servers",
+        args.rounds, args.servers, args.agents, args.jobs, args.command_delay_ms, args.load_servers
+    );
+    println!(
+        "machine: {} CPUs ({}), load average {}; bench build: {}; server: {}",
+        machine["nproc"],
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["loadavg_start"].as_str().unwrap_or("?"),
+        bench_profile(),
+        skyhold.display()
+    );
+
+    let mut tmp = tempfile::Builder::new();
+    tmp.prefix("skyhold-bench-cluster-");
+    let dir = match &args.tmp_dir {
+        Some(p) => tmp.tempdir_in(p),
+        None => tmp.tempdir(),
+    }
+    .context("create a temporary directory")?;
+
+    let mut reports = Vec::new();
+    let mut ok = true;
+    for b in backends {
+        if skyhold_bench::stopped() {
+            ok = false;
+            break;
+        }
+        println!("\n== {} ==", b.name());
+        let mut rep = BackendReport { backend: b, db_version: String::new(), failover: None, idle: None };
+        if !args.skip_failover {
+            println!("failover rounds:");
+            match part(&rt, &args, &skyhold, b, dir.path(), "failover", |rt, cloud| {
+                failover::run(rt, cloud, &failover_cfg(&args))
+            }) {
+                Ok((v, r)) => {
+                    rep.db_version = v;
+                    print_failover(b, &args, &r);
+                    if r.rounds.iter().any(|x| x.incomplete) || r.rounds.len() < args.rounds {
+                        ok = false;
+                    }
+                    rep.failover = Some(r);
+                }
+                Err(e) => {
+                    eprintln!("{} failover: {e:#}", b.name());
+                    ok = false;
+                }
+            }
+        }
+        if !args.skip_load && !skyhold_bench::stopped() {
+            println!("\nmembership load:");
+            let cfg = idle::Cfg {
+                servers: args.load_servers.clone(),
+                window: Duration::from_secs(args.load_secs),
+                warmup: Duration::from_secs(args.load_warmup_secs),
+            };
+            let server = match b {
+                Backend::MySql => args.mysql_url.clone(),
+                Backend::Sqlite => None,
+            };
+            match part(&rt, &args, &skyhold, b, dir.path(), "idle", |rt, cloud| {
+                idle::run(rt, cloud, server.as_deref(), &cfg)
+            }) {
+                Ok((v, r)) => {
+                    rep.db_version = v;
+                    print_idle(b, &args, &r);
+                    rep.idle = Some(r);
+                }
+                Err(e) => {
+                    eprintln!("{} membership load: {e:#}", b.name());
+                    ok = false;
+                }
+            }
+        }
+        reports.push(rep);
+    }
+
+    if let Some(path) = &args.json_out {
+        let mut machine = machine;
+        machine["loadavg_end"] = json!(loadavg());
+        let out = json!({
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "machine": machine,
+            "bench_profile": bench_profile(),
+            "skyhold": skyhold.display().to_string(),
+            "config": {
+                "rounds": args.rounds,
+                "servers": args.servers,
+                "agents": args.agents,
+                "jobs": args.jobs,
+                "command_delay_ms": args.command_delay_ms,
+                "fill_timeout_secs": args.fill_timeout_secs,
+                "round_timeout_secs": args.round_timeout_secs,
+                "poll_ms": args.poll_ms,
+                "load_servers": args.load_servers,
+                "load_secs": args.load_secs,
+                "load_warmup_secs": args.load_warmup_secs,
+            },
+            "backends": reports.iter().map(report_json).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")
+            .with_context(|| format!("write {}", path.display()))?;
+        println!("\nJSON written to {}", path.display());
+    }
+    if args.keep {
+        println!("kept (--keep): data directory {}", dir.keep().display());
+    } else if let Err(e) = dir.close() {
+        eprintln!("could not remove the temporary directory: {e}");
+    }
+    Ok(ok)
+}
+
+fn failover_cfg(args: &Args) -> failover::Cfg {
+    failover::Cfg {
+        servers: args.servers,
+        agents: args.agents,
+        jobs: args.jobs,
+        command_delay_ms: args.command_delay_ms,
+        rounds: args.rounds,
+        fill_timeout: Duration::from_secs(args.fill_timeout_secs),
+        round_timeout: Duration::from_secs(args.round_timeout_secs),
+        settle_timeout: Duration::from_secs(args.settle_timeout_secs),
+        poll: Duration::from_millis(args.poll_ms.max(1)),
+    }
+}
+
+/// One part on a fresh database of its own: init, run `f`, stop everything, drop the database.
+/// Returns the database version and what `f` returned.
+fn part<T>(
+    rt: &tokio::runtime::Runtime,
+    args: &Args,
+    skyhold: &Path,
+    b: Backend,
+    parent: &Path,
+    what: &str,
+    f: impl FnOnce(&tokio::runtime::Runtime, &mut Cloud) -> Result<T>,
+) -> Result<(String, T)> {
+    let dir = parent.join(format!("{}-{what}", b.name()));
+    std::fs::create_dir_all(&dir)?;
+    let (db_url, mysql) = match b {
+        Backend::Sqlite => (format!("sqlite://{}", dir.join("skyhold.db").display()), None),
+        Backend::MySql => {
+            let server = args.mysql_url.as_deref().unwrap_or_default().trim_end_matches('/').to_string();
+            let (url, name) = skyhold_bench::util::new_mysql_database(&server, "skyhold_bench_");
+            (url, Some((server, name)))
+        }
+    };
+    println!("  database: {}; files in {}", skyhold_db::redact_url(&db_url), dir.display());
+    let res = (|| {
+        let mut cloud = Cloud::init(rt, skyhold, &dir, &db_url, 8)?;
+        let version = rt.block_on(database_version(&cloud.db)).unwrap_or_else(|e| format!("unknown ({e})"));
+        let r = f(rt, &mut cloud);
+        if r.is_err() {
+            eprintln!("{}", cloud.log_tails(20));
+        }
+        cloud.shutdown(rt);
+        Ok((version, r?))
+    })();
+    if let Some((server, name)) = mysql {
+        if args.keep {
+            println!("  kept (--keep): database {name}");
+        } else if let Err(e) = rt.block_on(drop_mysql_database(&server, &name)) {
+            eprintln!("could not drop database {name}: {e:#}");
+        }
+    }
+    res
+}
+
+fn failover_summaries(r: &failover::Report) -> Vec<Summary> {
+    let rs = &r.rounds;
+    vec![
+        Summary::of("detection (row Down)", rs.iter().map(|x| x.detect_ms)),
+        Summary::of("jobs resumed (all claimed by survivors)", rs.iter().map(|x| x.jobs_resumed_ms)),
+        Summary::of("jobs finished (all)", rs.iter().map(|x| x.jobs_finished_ms)),
+        Summary::of("agents reconnected (all hosts Up elsewhere)", rs.iter().map(|x| x.agents_ms)),
+        Summary::of("restart until ready (not from the kill)", rs.iter().map(|x| Some(x.restart_ms))),
+    ]
+}
+
+fn print_failover(b: Backend, args: &Args, r: &failover::Report) {
+    let rs = &r.rounds;
+    println!();
+    println!(
+        "{} failover: {} rounds, {} servers, {} agents ({} hosts), K = {}, agent command delay {} ms",
+        b.name(),
+        rs.len(),
+        args.servers,
+        args.agents,
+        r.hosts,
+        args.jobs,
+        args.command_delay_ms
+    );
+    println!("{:<46} {:>6} {:>9} {:>9} {:>9} {:>9}", "measure (ms from SIGKILL)", "rounds", "min", "p50", "p99", "max");
+    for s in failover_summaries(r) {
+        println!(
+            "{:<46} {:>6} {:>9.0} {:>9.0} {:>9.0} {:>9.0}{}",
+            s.what,
+            s.n,
+            s.min,
+            s.p50,
+            s.p99,
+            s.max,
+            if s.missing > 0 { format!("  ({} missing)", s.missing) } else { String::new() }
+        );
+    }
+    let mut held: Vec<usize> = rs.iter().map(|x| x.jobs_held).collect();
+    held.sort_unstable();
+    let ok: usize = rs.iter().map(|x| x.jobs_ok).sum();
+    let failed: usize = rs.iter().map(|x| x.jobs_failed).sum();
+    let hosts: usize = rs.iter().map(|x| x.hosts_held).sum();
+    let agents: usize = rs.iter().map(|x| x.agents_held).sum();
+    println!(
+        "jobs held at the kill: min {}, median {}, max {} (total {}; {} succeeded, {} failed); agents held {} ({} hosts) in all",
+        held.first().unwrap_or(&0),
+        held.get(held.len() / 2).unwrap_or(&0),
+        held.last().unwrap_or(&0),
+        held.iter().sum::<usize>(),
+        ok,
+        failed,
+        agents,
+        hosts
+    );
+    let l = &r.ledger;
+    println!(
+        "agent ledgers: {} executed, {} replayed, {} refused (stale generation); VMs started twice: {}, (job, step) executed twice: {}",
+        l.exec, l.replay, l.stale, l.vms_started_twice, l.steps_executed_twice
+    );
+    let unbalanced = rs.iter().filter(|x| !x.balanced).count();
+    if unbalanced > 0 {
+        println!("{unbalanced} round(s) started before the agents were balanced again (settle timeout)");
+    }
+}
+
+fn print_idle(b: Backend, args: &Args, r: &idle::Report) {
+    println!();
+    println!(
+        "{} membership load: idle servers (no agents, no jobs), {} s windows after {} s warm-up",
+        b.name(),
+        args.load_secs,
+        args.load_warmup_secs
+    );
+    let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into());
+    let range = |w: &idle::Window| match (w.q_min_per_sec, w.q_max_per_sec) {
+        (Some(a), Some(b)) => format!("{a}-{b}"),
+        _ => "n/a".into(),
+    };
+    println!(
+        "{:<22} {:>12} {:>12} {:>16} {:>22}",
+        "window", "Questions/s", "1 s range", "per server/s", "logged stmts/s/server"
+    );
+    let per = r.per_server();
+    let mysql = b == Backend::MySql;
+    if mysql {
+        println!(
+            "{:<22} {:>12} {:>12} {:>16} {:>22}",
+            "no server (before)",
+            f(r.baseline_before.questions_per_sec()),
+            range(&r.baseline_before),
+            "",
+            ""
+        );
+    }
+    for (w, (_, q, l)) in r.loaded.iter().zip(&per) {
+        println!(
+            "{:<22} {:>12} {:>12} {:>16} {:>22.2}",
+            format!("{} servers", w.servers),
+            f(w.questions_per_sec()),
+            range(w),
+            q.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into()),
+            l
+        );
+    }
+    if mysql {
+        println!(
+            "{:<22} {:>12} {:>12} {:>16} {:>22}",
+            "no server (after)",
+            f(r.baseline_after.questions_per_sec()),
+            range(&r.baseline_after),
+            "",
+            ""
+        );
+        println!(
+            "per server/s = (Questions/s - background {}/s) / servers; Questions counts the whole MariaDB server",
+            f(r.background())
+        );
+    } else {
+        println!("SQLite has no server-side counter: only the servers' own statement logs are counted");
+    }
+    if let Some(w) = r.loaded.last() {
+        let n = w.servers.max(1) as f64;
+        println!("statements per server per second at {} servers, by kind (from the servers' logs):", w.servers);
+        let mut kinds: Vec<(&String, &u64)> = w.by_statement.iter().collect();
+        kinds.sort_by(|a, b| b.1.cmp(a.1));
+        for (k, c) in kinds {
+            println!("  {:>7.2}  {k}", *c as f64 / w.secs / n);
+        }
+    }
+}
+
+fn report_json(r: &BackendReport) -> Value {
+    json!({
+        "backend": r.backend.name(),
+        "database_version": r.db_version,
+        "failover": r.failover.as_ref().map(|f| json!({
+            "hosts": f.hosts,
+            "warmup_job_ms": (f.warmup_job_ms * 10.0).round() / 10.0,
+            "summary": failover_summaries(f).iter().map(Summary::to_json).collect::<Vec<_>>(),
+            "ledger": f.ledger.to_json(),
+            "rounds": f.rounds.iter().map(failover::Round::to_json).collect::<Vec<_>>(),
+        })),
+        "membership_load": r.idle.as_ref().map(idle::Report::to_json),
+    })
+}
