@@ -107,7 +107,13 @@ impl AgentRegistry {
 
     /// Ask one agent (the one with the fewest hosts) to move to `addr`. Returns its id.
     pub fn reconnect_one(&self, addr: &str, reason: &str) -> Option<String> {
-        let c = self.connections().into_iter().min_by_key(|c| self.hosts_of(c))?;
+        // Never an agent with commands in flight: moving it would bump its hosts' generation
+        // and make it refuse those commands' resends as stale.
+        let c = self
+            .connections()
+            .into_iter()
+            .filter(|c| c.pending.lock().map(|p| p.is_empty()).unwrap_or(false))
+            .min_by_key(|c| self.hosts_of(c))?;
         c.moving.store(true, Ordering::SeqCst);
         let _ = c.tx.try_send(MsMsg::Reconnect { addr: addr.to_string(), reason: reason.to_string() });
         Some(c.agent_id.clone())

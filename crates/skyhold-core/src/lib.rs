@@ -62,6 +62,8 @@ struct Inner {
     fenced: AtomicBool,
     /// Live peers (id, peer address, agent address), refreshed by the membership monitor.
     peers: std::sync::RwLock<Vec<PeerInfo>>,
+    /// When the set of live peers last changed (rebalancing waits for it to settle).
+    peers_changed: std::sync::Mutex<std::time::Instant>,
 }
 
 /// A live peer as the membership monitor last saw it.
@@ -70,6 +72,8 @@ pub struct PeerInfo {
     pub id: String,
     pub peer_addr: String,
     pub agent_addr: String,
+    /// Heartbeat age on the database clock when last seen.
+    pub heartbeat_age_ms: i64,
 }
 
 impl Core {
@@ -89,6 +93,7 @@ impl Core {
                 registered: AtomicBool::new(false),
                 fenced: AtomicBool::new(false),
                 peers: std::sync::RwLock::new(Vec::new()),
+                peers_changed: std::sync::Mutex::new(std::time::Instant::now()),
             }),
         }
     }
@@ -166,8 +171,22 @@ impl Core {
     }
     pub(crate) fn set_peers(&self, p: Vec<PeerInfo>) {
         if let Ok(mut w) = self.inner.peers.write() {
+            let mut old: Vec<&str> = w.iter().map(|x| x.id.as_str()).collect();
+            let mut new: Vec<&str> = p.iter().map(|x| x.id.as_str()).collect();
+            old.sort_unstable();
+            new.sort_unstable();
+            if old != new
+                && let Ok(mut t) = self.inner.peers_changed.lock()
+            {
+                *t = std::time::Instant::now();
+            }
             *w = p;
         }
+    }
+
+    /// Time since the set of live peers last changed.
+    pub fn peers_stable_for(&self) -> std::time::Duration {
+        self.inner.peers_changed.lock().map(|t| t.elapsed()).unwrap_or_default()
     }
 
     /// Registered in `management_server` with a live heartbeat.

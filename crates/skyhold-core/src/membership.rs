@@ -222,6 +222,7 @@ async fn monitor_once(core: &Core) -> Result<(), CoreError> {
             id: m.id.clone(),
             peer_addr: format!("{}:{}", m.service_ip, m.cluster_port),
             agent_addr: format!("{}:{}", m.service_ip, m.agent_port),
+            heartbeat_age_ms: m.heartbeat_age_ms,
         })
         .collect();
     let changed = {

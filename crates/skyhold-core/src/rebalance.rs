@@ -8,6 +8,8 @@ use std::time::Duration;
 
 /// Seconds between rebalancing rounds.
 pub const ROUND: Duration = Duration::from_secs(3);
+/// How long the set of live servers must be unchanged before agents are moved.
+pub const SETTLE: Duration = Duration::from_secs(5);
 
 /// Which server, if any, should receive one of `mine`'s agents. Pure; `counts` holds every live
 /// server (including `mine`) with its number of connected agents.
@@ -24,8 +26,14 @@ pub async fn run(core: Core) {
         if !core.is_registered() || core.is_shutting_down() {
             continue;
         }
+        // Only in a settled cluster: right after a server died or joined, agents are moving
+        // anyway, and a peer whose heartbeat is ageing may be dying (never send agents to it).
+        let interval = core.settings().get_i64(skyhold_types::settings::CLUSTER_HEARTBEAT_INTERVAL).max(50);
         let peers = core.peers();
-        if peers.is_empty() {
+        if peers.is_empty()
+            || core.peers_stable_for() < SETTLE
+            || peers.iter().any(|p| p.heartbeat_age_ms > 2 * interval)
+        {
             continue;
         }
         let counts = async {
