@@ -69,20 +69,18 @@ pub async fn watch(core: crate::Core) {
     let mut last_host = core.settings().get(skyhold_types::settings::HOST);
     let mut last_lb = core.settings().get(skyhold_types::settings::AGENT_LB_ALGORITHM);
     loop {
-        match core.settings().refresh(core.db()).await {
-            Ok(true) => {
-                // Agents hold the list of management addresses: push it when it changes.
-                let host = core.settings().get(skyhold_types::settings::HOST);
-                let lb = core.settings().get(skyhold_types::settings::AGENT_LB_ALGORITHM);
-                if host != last_host || lb != last_lb {
-                    let n = core.agents().push_mgmt_lists(&core);
-                    tracing::info!(agents = n, host = %host, algorithm = %lb, "pushed new management server list to agents");
-                    last_host = host;
-                    last_lb = lb;
-                }
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "could not refresh settings"),
+        if let Err(e) = core.settings().refresh(core.db()).await {
+            tracing::warn!(error = %e, "could not refresh settings");
+        }
+        // Agents hold the list of management addresses: push it when it changes (whether this
+        // server or a peer applied the change).
+        let host = core.settings().get(skyhold_types::settings::HOST);
+        let lb = core.settings().get(skyhold_types::settings::AGENT_LB_ALGORITHM);
+        if host != last_host || lb != last_lb {
+            let n = core.agents().push_mgmt_lists(&core);
+            tracing::info!(agents = n, host = %host, algorithm = %lb, "pushed new management server list to agents");
+            last_host = host;
+            last_lb = lb;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

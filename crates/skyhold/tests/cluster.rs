@@ -94,3 +94,28 @@ fn commands_are_forwarded_to_the_server_holding_the_host() {
     BufReader::new(s).read_line(&mut line).unwrap();
     assert!(line.contains("refused"), "{line}");
 }
+
+/// The `host` setting (the addresses handed to agents, e.g. a load balancer VIP) reaches the
+/// connected agents at once, ordered by `indirect.agent.lb.algorithm`.
+#[test]
+fn host_setting_is_pushed_to_agents() {
+    let Some(c) = Cloud::start(Backend::Sqlite, 1) else { return };
+    c.ok("updateConfiguration", &[("name", "host"), ("value", "192.0.2.10:8250,192.0.2.11")]);
+    let log = c.path("agent1.log");
+    let pushed = common::wait_for(Duration::from_secs(10), || {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        l.lines()
+            .find(|l| l.contains("management server list updated") && l.contains("192.0.2.10:8250"))
+            .map(str::to_string)
+    })
+    .expect("the agent received the new list");
+    // A bare address gets the agent port of the server that pushed it.
+    let port = c.servers[0].2;
+    assert!(pushed.contains(&format!("192.0.2.11:{port}")), "{pushed}");
+    // static keeps the setting's order: the VIP first.
+    let first = pushed.split('[').nth(1).and_then(|x| x.split(',').next()).unwrap_or("");
+    assert!(first.contains("192.0.2.10:8250"), "{pushed}");
+    // An unknown algorithm is refused.
+    let (st, _) = c.api("updateConfiguration", &[("name", "indirect.agent.lb.algorithm"), ("value", "random")]);
+    assert_eq!(st, 431);
+}
