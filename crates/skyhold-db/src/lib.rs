@@ -15,6 +15,7 @@ pub mod account;
 pub mod config;
 pub mod crypto;
 pub mod event;
+pub mod ha;
 pub mod infra;
 pub mod job;
 pub mod migrate;
@@ -45,6 +46,8 @@ pub enum DbError {
         endpoint: String,
         #[source]
         source: sqlx::Error,
+        /// Another endpoint may take over (several endpoints): worth retrying the transaction.
+        failover: bool,
     },
     #[error("database error while trying to {what}: {source}")]
     Sql {
@@ -73,6 +76,12 @@ impl DbError {
     pub fn is_retryable(&self) -> bool {
         let src = match self {
             DbError::Sql { source, .. } => source,
+            // A lost or refused connection: the transaction may succeed on a retry (after the
+            // connector failed over, or once the node is back). Bounded by TX_ATTEMPTS.
+            DbError::Connect { source, failover, .. } => {
+                return *failover
+                    && matches!(source, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed);
+            }
             _ => return false,
         };
         match src {
@@ -176,12 +185,15 @@ pub(crate) fn sql(d: Dialect, s: &str) -> Cow<'_, str> {
     Cow::Owned(s.replace("{now}", now).replace("{for_update}", for_update).replace("{int}", int))
 }
 
-/// The connection pool and its dialect. Cheap to clone.
+/// The connection pools (one per database endpoint) and the dialect. Cheap to clone.
+///
+/// With one endpoint (the default) every call uses it. With several (`Db::connect_many`, the
+/// database-HA topologies) every call uses the *active* one, which `ha::monitor` chooses from
+/// health checks; see `ha.rs`.
 #[derive(Clone)]
 pub struct Db {
-    pool: AnyPool,
+    inner: std::sync::Arc<ha::Endpoints>,
     dialect: Dialect,
-    endpoint: String,
 }
 
 /// Connection settings.
@@ -211,6 +223,43 @@ pub fn redact_url(url: &str) -> String {
 impl Db {
     /// Open the pool. For SQLite this switches the file to WAL mode.
     pub async fn connect(cfg: &DbConfig) -> Result<Db, DbError> {
+        let (pool, dialect, endpoint) = Self::open_pool(cfg, false, false).await?;
+        Ok(Db { inner: std::sync::Arc::new(ha::Endpoints::single(endpoint, pool)), dialect })
+    }
+
+    /// Open one pool per endpoint URL (MariaDB/MySQL), for a Galera cluster or a replicated pair.
+    /// Pools connect lazily; the first healthy endpoint (in the given order) becomes active.
+    pub async fn connect_many(
+        urls: &[String],
+        max_connections: u32,
+        create: bool,
+        policy: ha::Policy,
+    ) -> Result<Db, DbError> {
+        let mut eps = Vec::new();
+        for (i, u) in urls.iter().enumerate() {
+            let cfg = DbConfig { url: u.clone(), max_connections, create: create && i == 0 };
+            let (pool, dialect, endpoint) =
+                Self::open_pool(&cfg, policy.topology == ha::Topology::Galera, true).await?;
+            if dialect != Dialect::MySql {
+                return Err(DbError::BadUrl(format!("{endpoint}: several endpoints need MariaDB/MySQL URLs")));
+            }
+            eps.push((endpoint, pool));
+        }
+        let db = Db { inner: std::sync::Arc::new(ha::Endpoints::many(eps, policy)), dialect: Dialect::MySql };
+        db.inner.check_all().await;
+        if db.inner.healthy_count() == 0 {
+            return Err(DbError::Schema(format!(
+                "no database endpoint is usable ({}): check that the servers run and, for Galera, that a node \
+                 is Synced in the Primary component",
+                db.inner.describe()
+            )));
+        }
+        Ok(db)
+    }
+
+    /// `galera`: causal reads. `several`: one of several endpoints (short acquire timeout, so a
+    /// dead endpoint fails fast and the transaction is retried on the next one).
+    async fn open_pool(cfg: &DbConfig, galera: bool, several: bool) -> Result<(AnyPool, Dialect, String), DbError> {
         sqlx::any::install_default_drivers();
         let endpoint = redact_url(&cfg.url);
         let (dialect, url) = if let Some(path) = cfg.url.strip_prefix("sqlite://") {
@@ -225,8 +274,11 @@ impl Db {
         } else {
             return Err(DbError::BadUrl(endpoint));
         };
-        let opts = AnyConnectOptions::from_str(&url)
-            .map_err(|source| DbError::Connect { endpoint: endpoint.clone(), source })?;
+        let opts = AnyConnectOptions::from_str(&url).map_err(|source| DbError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+            failover: false,
+        })?;
         let max = match dialect {
             Dialect::Sqlite => cfg.max_connections.clamp(1, 8),
             Dialect::MySql => cfg.max_connections.max(1),
@@ -234,9 +286,14 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(max)
             .min_connections(0)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(if several { Duration::from_millis(1500) } else { Duration::from_secs(10) })
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
+                    if galera {
+                        // Causal reads: a read waits until this node has applied every write the
+                        // cluster committed before it (read-your-writes across nodes).
+                        sqlx::query("SET SESSION wsrep_sync_wait = 1").execute(&mut *conn).await?;
+                    }
                     let stmts: &[&str] = match dialect {
                         Dialect::Sqlite => {
                             &["PRAGMA busy_timeout = 10000", "PRAGMA synchronous = NORMAL", "PRAGMA foreign_keys = OFF"]
@@ -253,13 +310,22 @@ impl Db {
                     Ok(())
                 })
             })
-            .connect_with(opts)
-            .await
-            .map_err(|source| DbError::Connect { endpoint: endpoint.clone(), source })?;
+            .connect_lazy_with(opts);
         if dialect == Dialect::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL").fetch_optional(&pool).await.ctx("switch SQLite to WAL mode")?;
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .fetch_optional(&pool)
+                .await
+                .map_err(|source| DbError::Connect { endpoint: endpoint.clone(), source, failover: false })?;
+        } else if !several {
+            // Fail fast on a wrong URL or credentials (as before: the pool connected eagerly).
+            let c = pool.acquire().await.map_err(|source| DbError::Connect {
+                endpoint: endpoint.clone(),
+                source,
+                failover: false,
+            })?;
+            drop(c);
         }
-        Ok(Db { pool, dialect, endpoint })
+        Ok((pool, dialect, endpoint))
     }
 
     async fn mysql_create_database(url: &str, endpoint: &str) -> Result<(), DbError> {
@@ -274,9 +340,11 @@ impl Db {
             return Err(DbError::BadUrl(format!("{endpoint} (the database name must be letters, digits and _)")));
         }
         let server_url = &url[..slash];
-        let mut conn = AnyConnection::connect(server_url)
-            .await
-            .map_err(|source| DbError::Connect { endpoint: endpoint.to_string(), source })?;
+        let mut conn = AnyConnection::connect(server_url).await.map_err(|source| DbError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+            failover: false,
+        })?;
         sqlx::query(&format!("CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"))
             .execute(&mut conn)
             .await
@@ -289,23 +357,47 @@ impl Db {
         self.dialect
     }
 
-    /// The endpoint with its password hidden.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
+    /// The active endpoint with its password hidden.
+    pub fn endpoint(&self) -> String {
+        self.inner.active_name()
+    }
+
+    /// Every endpoint with its role and health (for `db status` / `cluster status`).
+    pub fn endpoints_status(&self) -> Vec<ha::EndpointStatus> {
+        self.inner.status()
+    }
+
+    /// Watch the endpoints' health and fail over (several endpoints only; returns at once otherwise).
+    pub async fn monitor(&self) {
+        ha::monitor(self.inner.clone()).await
     }
 
     /// A pooled connection for reads and single-statement writes.
     pub async fn conn(&self) -> Result<Conn, DbError> {
-        let inner =
-            self.pool.acquire().await.map_err(|source| DbError::Connect { endpoint: self.endpoint.clone(), source })?;
-        Ok(Conn { inner, dialect: self.dialect })
+        let (name, pool) = self.inner.active();
+        match pool.acquire().await {
+            Ok(inner) => Ok(Conn { inner, dialect: self.dialect }),
+            Err(source) => {
+                self.inner.suspect();
+                let e = DbError::Connect { endpoint: name, source, failover: self.inner.several() };
+                tracing::warn!(error = %e, "database connection failed");
+                Err(e)
+            }
+        }
     }
 
     /// Begin a transaction. Use [`retry_tx!`] rather than calling this directly.
     pub async fn begin(&self) -> Result<Tx, DbError> {
-        let inner =
-            self.pool.begin().await.map_err(|source| DbError::Connect { endpoint: self.endpoint.clone(), source })?;
-        Ok(Tx { inner, dialect: self.dialect })
+        let (name, pool) = self.inner.active();
+        match pool.begin().await {
+            Ok(inner) => Ok(Tx { inner, dialect: self.dialect }),
+            Err(source) => {
+                self.inner.suspect();
+                let e = DbError::Connect { endpoint: name, source, failover: self.inner.several() };
+                tracing::warn!(error = %e, "database connection failed");
+                Err(e)
+            }
+        }
     }
 
     /// Current time on the database clock, epoch milliseconds.
@@ -320,7 +412,7 @@ impl Db {
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.inner.close().await;
     }
 }
 

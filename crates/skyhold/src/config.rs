@@ -39,6 +39,9 @@ pub struct Node {
     pub db_url: String,
     pub key_file: PathBuf,
     pub max_connections: u32,
+    /// Several database endpoints (db.properties with replicas): all URLs, first = primary.
+    pub endpoints: Vec<String>,
+    pub policy: Option<skyhold_db::ha::Policy>,
 }
 
 impl Node {
@@ -50,6 +53,8 @@ impl Node {
             .unwrap_or_else(|| PathBuf::from("/var/lib/skyhold"));
         let key_file = args.key_file.clone().or_else(|| file.key_file.clone()).unwrap_or_else(|| data_dir.join("key"));
         let mut max_connections = file.db_max_connections.unwrap_or(32);
+        let mut endpoints = Vec::new();
+        let mut policy = None;
         let db_url = match (args.db.clone().or_else(|| file.db.clone()), &args.db_properties) {
             (Some(u), _) => u,
             (None, Some(path)) => {
@@ -59,17 +64,17 @@ impl Node {
                 let props = skyhold_db::props::DbProperties::parse(&text, key.as_ref())?;
                 max_connections = props.max_active;
                 if props.endpoints.len() > 1 {
-                    tracing::warn!(
-                        endpoints = props.endpoints.len(),
-                        "db.properties lists several database endpoints; this build connects to the first \
-                         (failover between endpoints is not implemented yet)"
-                    );
+                    endpoints = (0..props.endpoints.len()).map(|i| props.url(i)).collect();
+                    policy = Some(skyhold_db::ha::Policy {
+                        topology: props.topology,
+                        retry_master_after: std::time::Duration::from_secs(props.seconds_before_retry_master),
+                    });
                 }
                 props.url(0)
             }
             (None, None) => format!("sqlite://{}", absolute(&data_dir.join("skyhold.db")).display()),
         };
-        Ok(Node { data_dir, db_url, key_file, max_connections })
+        Ok(Node { data_dir, db_url, key_file, max_connections, endpoints, policy })
     }
 
     pub fn ensure_data_dir(&self) -> Result<()> {
@@ -80,6 +85,14 @@ impl Node {
     pub async fn open_db(&self, create: bool) -> Result<Db> {
         if create {
             self.ensure_data_dir()?;
+        }
+        if let Some(policy) = self.policy
+            && self.endpoints.len() > 1
+        {
+            let names: Vec<String> = self.endpoints.iter().map(|u| skyhold_db::redact_url(u)).collect();
+            return Db::connect_many(&self.endpoints, self.max_connections, create, policy)
+                .await
+                .with_context(|| format!("connect to the database endpoints {}", names.join(", ")));
         }
         let db = Db::connect(&DbConfig { url: self.db_url.clone(), max_connections: self.max_connections, create })
             .await

@@ -34,6 +34,8 @@ pub async fn run(a: DemoArgs) -> Result<u8> {
         db_url: format!("sqlite://{}", dir.join("skyhold.db").display()),
         key_file: dir.join("key"),
         max_connections: 8,
+        endpoints: Vec::new(),
+        policy: None,
     };
     let admin_file = dir.join("admin.json");
     let db_exists = {

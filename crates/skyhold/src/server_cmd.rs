@@ -72,6 +72,10 @@ pub async fn run(a: ServerArgs) -> Result<u8> {
     core.settings().refresh(core.db()).await?;
     membership::register(&core).await.map_err(|e| anyhow!("{e}"))?;
 
+    {
+        let db = core.db().clone();
+        tokio::spawn(async move { db.monitor().await });
+    }
     tokio::spawn(skyhold_core::settings::watch(core.clone()));
     tokio::spawn(skyhold_core::jobs::run_executor(core.clone()));
     tokio::spawn(skyhold_core::housekeeping::run(core.clone()));
