@@ -239,3 +239,281 @@ fn replication_pair_failover() {
     let _ = server.wait();
     drop(replica);
 }
+
+struct GNode {
+    child: Option<Child>,
+    port: u16,
+    gcomm: u16,
+    ist: u16,
+    sst: u16,
+    dir: PathBuf,
+}
+
+impl Drop for GNode {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn chown_mysql(p: &Path) {
+    let _ = Command::new("chown").args(["-R", "mysql:mysql"]).arg(p).status();
+}
+
+impl GNode {
+    fn new(base: &Path, i: usize) -> GNode {
+        let dir = base.join(format!("g{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--user=mysql", "--auth-root-authentication-method=normal", "--skip-test-db"])
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        chown_mysql(&dir);
+        GNode { child: None, port: free_port(), gcomm: free_port(), ist: free_port(), sst: free_port(), dir }
+    }
+
+    fn start(&mut self, cluster: &str, new_cluster: bool) {
+        let prov = format!(
+            "base_port={g};gmcast.listen_addr=tcp://127.0.0.1:{g};ist.recv_addr=127.0.0.1:{i};gcache.size=32M;\
+             evs.suspect_timeout=PT2S;evs.inactive_timeout=PT4S;evs.keepalive_period=PT0.5S;evs.inactive_check_period=PT0.5S",
+            g = self.gcomm,
+            i = self.ist
+        );
+        let mut cmd = Command::new("mariadbd");
+        cmd.args(["--no-defaults", "--user=mysql", "--bind-address=127.0.0.1", "--skip-name-resolve"])
+            .arg(format!("--datadir={}", self.dir.join("data").display()))
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--socket={}", self.dir.join("sock").display()))
+            .arg(format!("--pid-file={}", self.dir.join("pid").display()))
+            .arg(format!("--log-error={}", self.dir.join("err.log").display()))
+            .args(["--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=2", "--max-connections=500"])
+            .args(["--binlog-format=ROW", "--default-storage-engine=InnoDB", "--innodb-autoinc-lock-mode=2"])
+            .args(["--wsrep-on=ON", "--wsrep-provider=/usr/lib/galera/libgalera_smm.so", "--wsrep-cluster-name=skyt"])
+            .arg(format!("--wsrep-cluster-address=gcomm://{cluster}"))
+            .arg(format!("--wsrep-node-address=127.0.0.1:{}", self.gcomm))
+            .arg(format!("--wsrep-provider-options={prov}"))
+            .args(["--wsrep-sst-method=rsync", "--wsrep-sst-auth=root:"])
+            .arg(format!("--wsrep-sst-receive-address=127.0.0.1:{}", self.sst))
+            .args(["--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if new_cluster {
+            cmd.arg("--wsrep-new-cluster");
+        }
+        self.child = Some(cmd.spawn().expect("start galera node"));
+    }
+
+    fn synced(&self) -> bool {
+        sql(self.port, "SHOW GLOBAL STATUS LIKE 'wsrep_local_state_comment'")
+            .map(|s| s.ends_with("Synced"))
+            .unwrap_or(false)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.child = None;
+    }
+}
+
+#[test]
+fn galera_failover_under_load() {
+    if !Path::new("/usr/lib/galera/libgalera_smm.so").exists()
+        || Command::new("rsync").arg("--version").output().is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "galera-4 and rsync must be installed under CI (scripts/test.sh)");
+        eprintln!("skipping: galera-4 or rsync not installed");
+        return;
+    }
+    let shm = if Path::new("/dev/shm").exists() { "/dev/shm" } else { "/tmp" };
+    let base = tempfile::tempdir_in(shm).unwrap();
+    let _ = Command::new("chmod").arg("755").arg(base.path()).status();
+    let mut nodes: Vec<GNode> = (1..=3).map(|i| GNode::new(base.path(), i)).collect();
+    let cluster = nodes.iter().map(|n| format!("127.0.0.1:{}", n.gcomm)).collect::<Vec<_>>().join(",");
+    let t0 = Instant::now();
+    nodes[0].start(&cluster, true);
+    assert!(wait_for(Duration::from_secs(30), || nodes[0].synced().then_some(())).is_some(), "node 1 bootstraps");
+    sql(nodes[0].port, "CREATE USER skyhold@'%' IDENTIFIED BY 'sky'; GRANT ALL ON *.* TO skyhold@'%';").unwrap();
+    for i in 1..3 {
+        nodes[i].start(&cluster, false);
+        let n = &nodes[i];
+        assert!(wait_for(Duration::from_secs(60), || n.synced().then_some(())).is_some(), "node {} joins", i + 1);
+    }
+    eprintln!("galera: 3 nodes Synced after {:.1} s", t0.elapsed().as_secs_f64());
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let props = dir.path().join("db.properties");
+    let hosts: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+    std::fs::write(
+        &props,
+        format!(
+            "db.cloud.username=skyhold\ndb.cloud.password=sky\ndb.cloud.host={}\ndb.cloud.slaves={}\n\
+             db.cloud.name=cloud\ndb.ha.enabled=true\ndb.ha.topology=galera\n",
+            hosts[0],
+            hosts[1..].join(",")
+        ),
+    )
+    .unwrap();
+    let p = props.to_str().unwrap().to_string();
+    let init: serde_json::Value =
+        serde_json::from_str(&run_ok(&["db", "init", "--seed", "--data-dir", &d, "--db-properties", &p])).unwrap();
+    let st: serde_json::Value =
+        serde_json::from_str(&run_ok(&["db", "status", "--data-dir", &d, "--db-properties", &p])).unwrap();
+    let eps = st["endpoints"].as_array().unwrap();
+    assert_eq!(eps.len(), 3, "{st}");
+    assert!(eps.iter().all(|e| e["healthy"] == true && e["role"] == "galera"), "{st}");
+    assert_eq!(eps[0]["active"], true);
+
+    // Two servers and an agent.
+    let mut servers = Vec::new();
+    let mut apis = Vec::new();
+    let mut agent_addrs = Vec::new();
+    for name in ["ms1", "ms2"] {
+        let ports = dir.path().join(format!("{name}.ports"));
+        let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(["server", "--data-dir", &d, "--db-properties", &p, "--bind", "127.0.0.1", "--ms-id", name])
+            .args([
+                "--api-port",
+                "0",
+                "--agent-port",
+                "0",
+                "--cluster-port",
+                "0",
+                "--ports-file",
+                ports.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        servers.push(child);
+        let pv: serde_json::Value = wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(&ports).ok().and_then(|s| serde_json::from_str(&s).ok())
+        })
+        .expect("server up");
+        apis.push(format!("http://127.0.0.1:{}/client/api", pv["api"]));
+        agent_addrs.push(format!("127.0.0.1:{}", pv["agent"]));
+    }
+    let mut agent = Command::new(BIN)
+        .args(["agent", "--mgmt", &agent_addrs.join(",")])
+        .arg(format!("--token={}", init["agent_token"].as_str().unwrap()))
+        .args(["--simulator", "--hosts", "3", "--agent-id", "gal"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin = Creds {
+        api_key: init["admin"]["apikey"].as_str().unwrap().into(),
+        secret: init["admin"]["secretkey"].as_str().unwrap().into(),
+        username: "admin".into(),
+        password: String::new(),
+    };
+    let call = |i: usize, cmd: &str, params: &[(&str, &str)]| -> Option<(u16, serde_json::Value)> {
+        let r = ureq::get(&format!("{}?{}", apis[i % 2], signed_query(&admin, cmd, params))).call();
+        match r {
+            Ok(resp) => Some((resp.status(), resp.into_json().unwrap_or_default())),
+            Err(ureq::Error::Status(st, resp)) => Some((st, resp.into_json().unwrap_or_default())),
+            Err(_) => None,
+        }
+    };
+    wait_for(Duration::from_secs(30), || {
+        call(0, "listHosts", &[]).filter(|(_, v)| v["listhostsresponse"]["count"] == 3).map(|_| ())
+    })
+    .expect("hosts up");
+    let first_id = |cmd: &str, params: &[(&str, &str)], key: &str| -> String {
+        let (_, v) = call(0, cmd, params).expect("answer");
+        v[format!("{}response", cmd.to_lowercase())][key][0]["id"].as_str().expect("id").to_string()
+    };
+    let z = first_id("listZones", &[], "zone");
+    let t = first_id("listTemplates", &[("templatefilter", "featured")], "template");
+    let o = first_id("listServiceOfferings", &[], "serviceoffering");
+    // Load through both servers; the active node dies in the middle.
+    let mut jobs = Vec::new();
+    let mut killed_at = None;
+    for i in 0..16 {
+        if i == 8 {
+            nodes[0].kill9();
+            killed_at = Some(Instant::now());
+        }
+        let name = format!("g{i}");
+        // A client retries on the other server when a call fails outright.
+        let r = wait_for(Duration::from_secs(30), || {
+            let (st, v) = call(
+                i,
+                "deployVirtualMachine",
+                &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", &name)],
+            )
+            .or_else(|| {
+                call(
+                    i + 1,
+                    "deployVirtualMachine",
+                    &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", &name)],
+                )
+            })?;
+            if st == 200 {
+                return v["deployvirtualmachineresponse"]["jobid"].as_str().map(str::to_string);
+            }
+            // A refused duplicate name means an earlier attempt was accepted.
+            assert!(st == 530 || st == 503 || (st == 431 && v.to_string().contains("already exists")), "{st} {v}");
+            None
+        });
+        if let Some(j) = r {
+            jobs.push(j);
+        }
+    }
+    // Every job the client was given ends exactly once.
+    for j in &jobs {
+        let fin = wait_for(Duration::from_secs(60), || {
+            call(0, "queryAsyncJobResult", &[("jobid", j)])
+                .or_else(|| call(1, "queryAsyncJobResult", &[("jobid", j)]))
+                .and_then(|(_, v)| {
+                    let q = v["queryasyncjobresultresponse"].clone();
+                    (q["jobstatus"] != 0 && !q["jobstatus"].is_null()).then_some(q)
+                })
+        })
+        .unwrap_or_else(|| panic!("job {j} finished"));
+        assert_eq!(fin["jobstatus"], 1, "{fin}");
+    }
+    eprintln!(
+        "galera: {} jobs all succeeded; last finished {:.2} s after the active node was killed",
+        jobs.len(),
+        killed_at.map(|k| k.elapsed().as_secs_f64()).unwrap_or_default()
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&run_ok(&["db", "status", "--data-dir", &d, "--db-properties", &p])).unwrap();
+    assert_eq!(st["endpoints"][0]["healthy"], false, "{st}");
+    assert_eq!(st["endpoints"][1]["active"], true, "{st}");
+    let logs = std::fs::read_to_string(dir.path().join("ms1.log")).unwrap_or_default();
+    assert!(logs.contains("database failover"), "ms1 logged its failover");
+    // The killed node rejoins (state transfer) and becomes the preferred node again.
+    nodes[0].start(&cluster, false);
+    let n0 = &nodes[0];
+    assert!(wait_for(Duration::from_secs(90), || n0.synced().then_some(())).is_some(), "node 1 rejoins");
+    let back = wait_for(Duration::from_secs(20), || {
+        let st: serde_json::Value =
+            serde_json::from_str(&run_ok(&["db", "status", "--data-dir", &d, "--db-properties", &p])).ok()?;
+        (st["endpoints"][0]["healthy"] == true).then_some(())
+    });
+    assert!(back.is_some(), "node 1 healthy again");
+    let count = sql(n0.port, "SET SESSION wsrep_sync_wait=1; SELECT COUNT(*) FROM cloud.vm_instance").unwrap();
+    assert_eq!(count, jobs.len().to_string(), "the rejoined node has every VM");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}
