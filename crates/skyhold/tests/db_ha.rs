@@ -343,9 +343,9 @@ fn galera_failover_under_load() {
     nodes[0].start(&cluster, true);
     assert!(wait_for(Duration::from_secs(30), || nodes[0].synced().then_some(())).is_some(), "node 1 bootstraps");
     sql(nodes[0].port, "CREATE USER skyhold@'%' IDENTIFIED BY 'sky'; GRANT ALL ON *.* TO skyhold@'%';").unwrap();
-    for i in 1..3 {
-        nodes[i].start(&cluster, false);
-        let n = &nodes[i];
+    for (i, n) in nodes.iter_mut().enumerate().skip(1) {
+        n.start(&cluster, false);
+        let n = &*n;
         assert!(wait_for(Duration::from_secs(60), || n.synced().then_some(())).is_some(), "node {} joins", i + 1);
     }
     eprintln!("galera: 3 nodes Synced after {:.1} s", t0.elapsed().as_secs_f64());
