@@ -62,6 +62,8 @@ struct Inner {
     fenced: AtomicBool,
     /// Live peers (id, peer address, agent address), refreshed by the membership monitor.
     peers: std::sync::RwLock<Vec<PeerInfo>>,
+    /// When this server last lifted a self-fence (it does not judge peers for a while after).
+    unfenced_at: std::sync::Mutex<Option<std::time::Instant>>,
     /// When the set of live peers last changed (rebalancing waits for it to settle).
     peers_changed: std::sync::Mutex<std::time::Instant>,
 }
@@ -94,6 +96,7 @@ impl Core {
                 fenced: AtomicBool::new(false),
                 peers: std::sync::RwLock::new(Vec::new()),
                 peers_changed: std::sync::Mutex::new(std::time::Instant::now()),
+                unfenced_at: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -202,7 +205,18 @@ impl Core {
         self.inner.fenced.load(Ordering::SeqCst)
     }
     pub(crate) fn set_fenced(&self, v: bool) {
-        self.inner.fenced.store(v, Ordering::SeqCst);
+        let was = self.inner.fenced.swap(v, Ordering::SeqCst);
+        if was
+            && !v
+            && let Ok(mut t) = self.inner.unfenced_at.lock()
+        {
+            *t = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Time since this server last lifted a self-fence (`None`: never fenced).
+    pub fn since_unfenced(&self) -> Option<std::time::Duration> {
+        self.inner.unfenced_at.lock().ok().and_then(|t| *t).map(|t| t.elapsed())
     }
 }
 

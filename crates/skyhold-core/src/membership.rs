@@ -237,7 +237,10 @@ async fn monitor_once(core: &Core) -> Result<(), CoreError> {
         // Agents learn about servers that joined or left.
         core.agents().push_mgmt_lists(core);
     }
-    if core.is_fenced() {
+    // A server that was itself unable to renew recently has no business declaring others dead:
+    // when the database stalls (a Galera node hangs, a failover), every server's heartbeat stalls
+    // together, and the first to recover must not take over the rest.
+    if core.is_fenced() || core.since_unfenced().is_some_and(|d| d.as_millis() < threshold as u128) {
         return Ok(());
     }
     for m in list.iter().filter(|m| m.id != core.ms().id && m.state != "Down" && m.heartbeat_age_ms >= threshold) {

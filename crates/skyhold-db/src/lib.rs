@@ -63,6 +63,8 @@ pub enum DbError {
     Schema(String),
     #[error("{0}")]
     Crypto(String),
+    #[error("transaction did not finish within {0:?} (database endpoint hung?)")]
+    TxTimeout(Duration),
     #[error("i/o error on {path}: {source}")]
     Io {
         path: String,
@@ -75,6 +77,7 @@ impl DbError {
     /// Transient conflicts that a rerun of the whole transaction may resolve.
     pub fn is_retryable(&self) -> bool {
         let src = match self {
+            DbError::TxTimeout(_) => return true,
             DbError::Sql { source, .. } => source,
             // A lost or refused connection: the transaction may succeed on a retry (after the
             // connector failed over, or once the node is back). Bounded by TX_ATTEMPTS.
@@ -357,6 +360,12 @@ impl Db {
         self.dialect
     }
 
+    /// How long one transaction attempt may take before `retry_tx!` abandons it: short with
+    /// several endpoints (a hung node must not hold work), generous with one.
+    pub fn tx_timeout(&self) -> Duration {
+        if self.inner.several() { Duration::from_secs(5) } else { Duration::from_secs(120) }
+    }
+
     /// The active endpoint with its password hidden.
     pub fn endpoint(&self) -> String {
         self.inner.active_name()
@@ -456,7 +465,8 @@ macro_rules! retry_tx {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let res = async {
+            let limit = $db.tx_timeout();
+            let res = match ::tokio::time::timeout(limit, async {
                 #[allow(unused_mut)]
                 let mut $tx = $db.begin().await?;
                 let v = { $body };
@@ -470,8 +480,14 @@ macro_rules! retry_tx {
                         Err(e)
                     }
                 }
-            }
-            .await;
+            })
+            .await
+            {
+                Ok(r) => r,
+                // A hung endpoint: drop the transaction (its connection with it) and rerun it,
+                // by then on the endpoint the monitor moved to.
+                Err(_) => Err($crate::DbError::TxTimeout(limit).into()),
+            };
             match res {
                 Err(e) if $crate::Retryable::is_retryable(&e) && attempt < $crate::TX_ATTEMPTS => {
                     ::tracing::debug!(attempt, "retrying transaction after a transient conflict");

@@ -510,6 +510,68 @@ fn galera_failover_under_load() {
     assert!(back.is_some(), "node 1 healthy again");
     let count = sql(n0.port, "SET SESSION wsrep_sync_wait=1; SELECT COUNT(*) FROM cloud.vm_instance").unwrap();
     assert_eq!(count, jobs.len().to_string(), "the rejoined node has every VM");
+
+    // A hung node (SIGSTOP), not a dead one: the servers move off it, work goes on, no server
+    // declares another Down because of the shared stall.
+    let ms_active_first = wait_for(Duration::from_secs(20), || {
+        let st: serde_json::Value =
+            serde_json::from_str(&run_ok(&["db", "status", "--data-dir", &d, "--db-properties", &p])).ok()?;
+        (st["endpoints"][0]["active"] == true).then_some(())
+    });
+    assert!(ms_active_first.is_some(), "the preferred node is active again");
+    let pid = nodes[0].child.as_ref().unwrap().id() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    let mut hung_jobs = Vec::new();
+    for i in 0..6 {
+        let name = format!("h{i}");
+        let j = wait_for(Duration::from_secs(40), || {
+            let (st, v) = call(
+                i,
+                "deployVirtualMachine",
+                &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", &name)],
+            )
+            .or_else(|| {
+                call(
+                    i + 1,
+                    "deployVirtualMachine",
+                    &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", &name)],
+                )
+            })?;
+            if st == 200 {
+                return v["deployvirtualmachineresponse"]["jobid"].as_str().map(str::to_string);
+            }
+            assert!(st == 530 || st == 503 || (st == 431 && v.to_string().contains("already exists")), "{st} {v}");
+            None
+        });
+        hung_jobs.extend(j);
+    }
+    for j in &hung_jobs {
+        let fin = wait_for(Duration::from_secs(60), || {
+            call(0, "queryAsyncJobResult", &[("jobid", j)])
+                .or_else(|| call(1, "queryAsyncJobResult", &[("jobid", j)]))
+                .and_then(|(_, v)| {
+                    let q = v["queryasyncjobresultresponse"].clone();
+                    (q["jobstatus"] != 0 && !q["jobstatus"].is_null()).then_some(q)
+                })
+        })
+        .unwrap_or_else(|| panic!("job {j} finished while a node hangs"));
+        assert_eq!(fin["jobstatus"], 1, "{fin}");
+    }
+    eprintln!(
+        "galera: node hung (SIGSTOP): {} deploys accepted and finished within {:.2} s",
+        hung_jobs.len(),
+        stopped.elapsed().as_secs_f64()
+    );
+    let (_, ms) = call(0, "listManagementServers", &[]).or_else(|| call(1, "listManagementServers", &[])).unwrap();
+    let states: Vec<String> = ms["listmanagementserversresponse"]["managementserver"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["state"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(states.iter().all(|s| s == "Up"), "no server declared another Down over a database stall: {states:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT).unwrap();
     let _ = agent.kill();
     let _ = agent.wait();
     for s in &mut servers {
