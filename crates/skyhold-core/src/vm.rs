@@ -152,6 +152,10 @@ impl Core {
         let owner = caller.owner();
         retry_tx!(self.db(), |tx| {
             async {
+                // A rerun after a lost COMMIT answer: the first attempt did commit.
+                if skyhold_db::job::job_fetch(&mut tx, &job_id).await?.is_some() {
+                    return Ok(());
+                }
                 if skyhold_db::vm::vm_name_taken(&mut tx, &caller.account_id, &name).await? {
                     return Err(CoreError::param(format!(
                         "A VM with name {name} already exists in account {}",
@@ -270,6 +274,10 @@ impl Core {
         let params = params.to_string();
         retry_tx!(self.db(), |tx| {
             async {
+                // A rerun after a lost COMMIT answer: the first attempt did commit.
+                if skyhold_db::job::job_fetch(&mut tx, &job_id).await?.is_some() {
+                    return Ok(());
+                }
                 let vm = vm_visible(&mut tx, caller, vm_id).await?;
                 let state: VmState = vm.state.parse().unwrap_or(VmState::Error);
                 let refused = match cmd {

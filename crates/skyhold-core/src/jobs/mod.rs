@@ -69,6 +69,18 @@ impl JobCtx {
         serde_json::from_str(&self.job.step_state).unwrap_or(Value::Null)
     }
 
+    /// The step recorded in the database for this job, read in the caller's transaction. A step
+    /// transaction whose COMMIT answer was lost (the database node died after committing) is
+    /// rerun by `retry_tx!`; the rerun must see that its first attempt did commit and carry on
+    /// from there instead of applying the step again.
+    pub async fn recorded_step(&self, tx: &mut Tx) -> Result<(i64, Value), CoreError> {
+        let j = skyhold_db::job::job_fetch(tx, &self.job.id).await?.ok_or(CoreError::LeaseLost)?;
+        if j.lease_gen != self.gen_ || j.status != 0 {
+            return Err(CoreError::LeaseLost);
+        }
+        Ok((j.step, serde_json::from_str(&j.step_state).unwrap_or(Value::Null)))
+    }
+
     /// Record step completion in the caller's transaction; rolls back via `LeaseLost` if stale.
     pub async fn save_step(&self, tx: &mut Tx, step: i64, state: Value) -> Result<(), CoreError> {
         let s = state.to_string();

@@ -119,6 +119,13 @@ async fn plan(
     let ha_tag = ctx.core.settings().get(skyhold_types::settings::HA_TAG);
     retry_tx!(ctx.core.db(), |tx| {
         async {
+            let (recorded, state) = ctx.recorded_step(&mut tx).await?;
+            if recorded >= 1
+                && let Some(h) = state.get("host").and_then(|v| v.as_str())
+            {
+                // An earlier attempt of this very transaction committed (its answer was lost).
+                return Ok(Planned::Host(h.to_string()));
+            }
             let Some(vm) = vm_fetch(&mut tx, ctx.vm_id()).await? else {
                 ctx.fail(&mut tx, ErrorCode::ParamError, "the VM no longer exists").await?;
                 return Ok(Planned::Finished);
