@@ -265,15 +265,24 @@ fn chown_mysql(p: &Path) {
 impl GNode {
     fn new(base: &Path, i: usize) -> GNode {
         let dir = base.join(format!("g{i}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let st = Command::new("mariadb-install-db")
-            .args(["--no-defaults", "--user=mysql", "--auth-root-authentication-method=normal", "--skip-test-db"])
-            .arg(format!("--datadir={}", dir.join("data").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let mut last = String::new();
+        let mut ok = false;
+        for _ in 0..3 {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            chown_mysql(&dir);
+            let out = Command::new("mariadb-install-db")
+                .args(["--no-defaults", "--user=mysql", "--auth-root-authentication-method=normal", "--skip-test-db"])
+                .arg(format!("--datadir={}", dir.join("data").display()))
+                .output()
+                .unwrap();
+            if out.status.success() {
+                ok = true;
+                break;
+            }
+            last = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(ok, "mariadb-install-db failed 3 times: {last}");
         chown_mysql(&dir);
         GNode { child: None, port: free_port(), gcomm: free_port(), ist: free_port(), sst: free_port(), dir }
     }

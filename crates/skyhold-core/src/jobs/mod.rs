@@ -251,6 +251,7 @@ async fn run_one(core: Core, claimed: Claimed) {
     let lost = Arc::new(AtomicBool::new(false));
     let params = serde_json::from_str(&claimed.job.params).unwrap_or(Value::Null);
     let job_id = claimed.job.id.clone();
+    let gen_ = claimed.gen_;
     let mut ctx = JobCtx { core: core.clone(), gen_: claimed.gen_, job: claimed.job, params, lost: lost.clone() };
     tracing::info!(job = %job_id, cmd = %ctx.job.cmd, step = ctx.job.step, attempt = ctx.job.attempts, "running job");
 
@@ -294,9 +295,19 @@ async fn run_one(core: Core, claimed: Claimed) {
         Ok(Outcome::Done) => tracing::info!(job = %job_id, "job finished"),
         Err(CoreError::LeaseLost) => tracing::warn!(job = %job_id, "job lease lost; another server continues it"),
         Err(e) => {
-            // Infrastructure failure (database unreachable): leave the job to be resumed from its
-            // last durable step when the lease expires, here or on a peer.
-            tracing::error!(job = %job_id, error = %e, "job step failed; it will be resumed");
+            // Infrastructure failure (database unreachable, a transaction that kept failing):
+            // hand the job back so it resumes from its last durable step without waiting for its
+            // lease to expire (if the database is still away, the lease does it later).
+            tracing::warn!(job = %job_id, error = %e, "job step failed; handing the job back to be resumed");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let released = async {
+                let mut c = core.db().conn().await?;
+                skyhold_db::job::job_release(&mut c, &job_id, gen_).await
+            }
+            .await;
+            if matches!(released, Ok(true)) {
+                core.wake_cluster();
+            }
         }
     }
 }
