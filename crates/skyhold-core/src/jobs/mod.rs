@@ -81,6 +81,13 @@ impl JobCtx {
         Ok((j.step, serde_json::from_str(&j.step_state).unwrap_or(Value::Null)))
     }
 
+    /// The host recorded by a step-0 transaction of this job that already committed (see
+    /// [`JobCtx::recorded_step`]), if any.
+    pub async fn committed_host(&self, tx: &mut Tx) -> Result<Option<String>, CoreError> {
+        let (step, state) = self.recorded_step(tx).await?;
+        Ok(if step >= 1 { state.get("host").and_then(|v| v.as_str()).map(str::to_string) } else { None })
+    }
+
     /// Record step completion in the caller's transaction; rolls back via `LeaseLost` if stale.
     pub async fn save_step(&self, tx: &mut Tx, step: i64, state: Value) -> Result<(), CoreError> {
         let s = state.to_string();

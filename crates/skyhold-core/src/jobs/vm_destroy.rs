@@ -44,12 +44,9 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
     if step == 0 {
         let r = retry_tx!(ctx.core.db(), |tx| {
             async {
-                let (recorded, state) = ctx.recorded_step(&mut tx).await?;
-                if recorded >= 1
-                    && let Some(h) = state.get("host").and_then(|v| v.as_str())
-                {
+                if let Some(h) = ctx.committed_host(&mut tx).await? {
                     // An earlier attempt of this transaction committed (its answer was lost).
-                    return Ok(Some(h.to_string()));
+                    return Ok(Some(h));
                 }
                 let Some(vm) = vm_fetch(&mut tx, ctx.vm_id()).await? else {
                     ctx.fail(&mut tx, ErrorCode::ParamError, "the VM no longer exists").await?;

@@ -119,12 +119,9 @@ async fn plan(
     let ha_tag = ctx.core.settings().get(skyhold_types::settings::HA_TAG);
     retry_tx!(ctx.core.db(), |tx| {
         async {
-            let (recorded, state) = ctx.recorded_step(&mut tx).await?;
-            if recorded >= 1
-                && let Some(h) = state.get("host").and_then(|v| v.as_str())
-            {
+            if let Some(h) = ctx.committed_host(&mut tx).await? {
                 // An earlier attempt of this very transaction committed (its answer was lost).
-                return Ok(Planned::Host(h.to_string()));
+                return Ok(Planned::Host(h));
             }
             let Some(vm) = vm_fetch(&mut tx, ctx.vm_id()).await? else {
                 ctx.fail(&mut tx, ErrorCode::ParamError, "the VM no longer exists").await?;
