@@ -145,6 +145,13 @@ pub struct DemoArgs {
     /// Where the demo keeps its database, keys and logs.
     #[arg(long, env = "SKYHOLD_DATA_DIR", default_value = "skyhold-demo")]
     pub data_dir: PathBuf,
+    /// Run the demo on this database instead of the embedded SQLite file
+    /// (mysql://USER:PASS@HOST:PORT/DB).
+    #[arg(long, conflicts_with = "db_properties")]
+    pub db: Option<String>,
+    /// Run the demo on the database a CloudStack db.properties file names.
+    #[arg(long)]
+    pub db_properties: Option<PathBuf>,
     /// Number of simulated hypervisor hosts (0 starts no agent).
     #[arg(long, default_value_t = 4)]
     pub hosts: u32,

@@ -29,13 +29,24 @@ pub async fn run(a: DemoArgs) -> Result<u8> {
     for sub in ["logs", "run"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
-    let node = Node {
-        data_dir: dir.clone(),
-        db_url: format!("sqlite://{}", dir.join("skyhold.db").display()),
-        key_file: dir.join("key"),
-        max_connections: 8,
-        endpoints: Vec::new(),
-        policy: None,
+    let node = if a.db.is_some() || a.db_properties.is_some() {
+        let args = crate::cli::NodeArgs {
+            config: None,
+            data_dir: Some(dir.clone()),
+            db: a.db.clone(),
+            key_file: None,
+            db_properties: a.db_properties.clone(),
+        };
+        Node::resolve(&args, &crate::config::FileConfig::default())?
+    } else {
+        Node {
+            data_dir: dir.clone(),
+            db_url: format!("sqlite://{}", dir.join("skyhold.db").display()),
+            key_file: dir.join("key"),
+            max_connections: 8,
+            endpoints: Vec::new(),
+            policy: None,
+        }
     };
     let admin_file = dir.join("admin.json");
     let db_exists = {
@@ -68,10 +79,14 @@ pub async fn run(a: DemoArgs) -> Result<u8> {
         let _ = std::fs::remove_file(&ports_file);
         let log = std::fs::File::create(dir.join("logs").join(format!("{name}.log")))?;
         let mut cmd = Command::new(&exe);
-        cmd.arg("server")
-            .arg("--data-dir")
-            .arg(&dir)
-            .arg("--ms-id")
+        cmd.arg("server").arg("--data-dir").arg(&dir);
+        if let Some(db) = &a.db {
+            cmd.arg("--db").arg(db);
+        }
+        if let Some(p) = &a.db_properties {
+            cmd.arg("--db-properties").arg(p);
+        }
+        cmd.arg("--ms-id")
             .arg(format!("demo-{name}"))
             .arg("--bind")
             .arg(&a.bind)
@@ -85,6 +100,7 @@ pub async fn run(a: DemoArgs) -> Result<u8> {
             .arg(&ports_file)
             .env_remove("SKYHOLD_CONFIG")
             .env_remove("SKYHOLD_DB")
+            .env_remove("SKYHOLD_DB_PROPERTIES")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -314,3 +314,41 @@ fn db_properties_keys_and_backup() {
     let bad = run(&["db", "status", "--data-dir", n2, "--db-properties", props.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("db.cloud.port"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+#[test]
+fn demo_runs_on_mariadb() {
+    let Ok(base) = std::env::var("SKYHOLD_TEST_MYSQL_URL") else {
+        assert!(std::env::var_os("CI").is_none(), "SKYHOLD_TEST_MYSQL_URL must be set under CI");
+        return;
+    };
+    let url = format!("{}/demo_{}", base.trim_end_matches('/'), &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let mut demo = Command::new(BIN)
+        .args(["demo", "--data-dir", d.to_str().unwrap(), "--db", &url, "--hosts", "1"])
+        .args(["--api-port", "0", "--agent-port", "0", "--cluster-port", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ini = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(d.join("demo.json")).ok()?;
+        std::fs::read_to_string(d.join("cloudstack.ini")).ok()
+    })
+    .expect("demo started on MariaDB");
+    let field = |k: &str| ini.lines().find_map(|l| l.strip_prefix(&format!("{k} = "))).unwrap().to_string();
+    let who =
+        Creds { api_key: field("key"), secret: field("secret"), username: "admin".into(), password: String::new() };
+    let endpoint = field("endpoint");
+    let up = wait_for(Duration::from_secs(20), || {
+        let (_, v) = get(&format!("{endpoint}?{}", signed_query(&who, "listHosts", &[])));
+        (v["listhostsresponse"]["count"] == 1).then_some(())
+    });
+    assert!(up.is_some(), "the demo's host registered");
+    let st: Value =
+        serde_json::from_str(&run_ok(&["db", "status", "--data-dir", d.to_str().unwrap(), "--db", &url])).unwrap();
+    assert_eq!(st["initialized"], true, "{st}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(demo.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    assert!(wait_for(Duration::from_secs(40), || demo.try_wait().ok().flatten()).is_some(), "demo stops");
+}
