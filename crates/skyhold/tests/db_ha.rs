@@ -7,6 +7,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Children killed when the test ends, passing or panicking (no leftover processes).
+struct Kids(Vec<Child>);
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 struct Mdb {
     child: Child,
     port: u16,
@@ -143,29 +155,42 @@ fn replication_pair_failover() {
     // A server and an agent on this database.
     let ports = dir.path().join("ms1.ports");
     let log = dir.path().join("ms1.log");
-    let mut server = Command::new(BIN)
-        .args(["server", "--data-dir", &d, "--db-properties", &p, "--bind", "127.0.0.1", "--ms-id", "ms1"])
-        .args(["--api-port", "0", "--agent-port", "0", "--cluster-port", "0", "--ports-file", ports.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("ms1.err")).unwrap())
-        .spawn()
-        .unwrap();
+    let _server = Kids(vec![
+        Command::new(BIN)
+            .args(["server", "--data-dir", &d, "--db-properties", &p, "--bind", "127.0.0.1", "--ms-id", "ms1"])
+            .args([
+                "--api-port",
+                "0",
+                "--agent-port",
+                "0",
+                "--cluster-port",
+                "0",
+                "--ports-file",
+                ports.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("ms1.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    ]);
     let pv: serde_json::Value = wait_for(Duration::from_secs(20), || {
         std::fs::read_to_string(&ports).ok().and_then(|s| serde_json::from_str(&s).ok())
     })
     .expect("server up");
     let api = pv["api"].as_u64().unwrap();
     let agent_port = pv["agent"].as_u64().unwrap();
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--mgmt", &format!("127.0.0.1:{agent_port}")])
-        .arg(format!("--token={}", init["agent_token"].as_str().unwrap()))
-        .args(["--simulator", "--hosts", "2", "--agent-id", "ha"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _agent = Kids(vec![
+        Command::new(BIN)
+            .args(["agent", "--mgmt", &format!("127.0.0.1:{agent_port}")])
+            .arg(format!("--token={}", init["agent_token"].as_str().unwrap()))
+            .args(["--simulator", "--hosts", "2", "--agent-id", "ha"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ]);
     let admin = Creds {
         api_key: init["admin"]["apikey"].as_str().unwrap().into(),
         secret: init["admin"]["secretkey"].as_str().unwrap().into(),
@@ -233,10 +258,6 @@ fn replication_pair_failover() {
         + &std::fs::read_to_string(dir.path().join("ms1.err")).unwrap_or_default();
     assert!(log_text.contains("database failover"), "the failover is logged");
     assert!(sql(replica.port, "SELECT COUNT(*) FROM cloud.vm_instance WHERE name='after'").unwrap() == "1");
-    let _ = agent.kill();
-    let _ = agent.wait();
-    let _ = server.kill();
-    let _ = server.wait();
     drop(replica);
 }
 
@@ -384,7 +405,7 @@ fn galera_failover_under_load() {
     assert_eq!(eps[0]["active"], true);
 
     // Two servers and an agent.
-    let mut servers = Vec::new();
+    let mut servers = Kids(Vec::new());
     let mut apis = Vec::new();
     let mut agent_addrs = Vec::new();
     for name in ["ms1", "ms2"] {
@@ -407,7 +428,7 @@ fn galera_failover_under_load() {
             .stderr(log)
             .spawn()
             .unwrap();
-        servers.push(child);
+        servers.0.push(child);
         let pv: serde_json::Value = wait_for(Duration::from_secs(30), || {
             std::fs::read_to_string(&ports).ok().and_then(|s| serde_json::from_str(&s).ok())
         })
@@ -415,15 +436,17 @@ fn galera_failover_under_load() {
         apis.push(format!("http://127.0.0.1:{}/client/api", pv["api"]));
         agent_addrs.push(format!("127.0.0.1:{}", pv["agent"]));
     }
-    let mut agent = Command::new(BIN)
-        .args(["agent", "--mgmt", &agent_addrs.join(",")])
-        .arg(format!("--token={}", init["agent_token"].as_str().unwrap()))
-        .args(["--simulator", "--hosts", "3", "--agent-id", "gal"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _agent = Kids(vec![
+        Command::new(BIN)
+            .args(["agent", "--mgmt", &agent_addrs.join(",")])
+            .arg(format!("--token={}", init["agent_token"].as_str().unwrap()))
+            .args(["--simulator", "--hosts", "3", "--agent-id", "gal"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ]);
     let admin = Creds {
         api_key: init["admin"]["apikey"].as_str().unwrap().into(),
         secret: init["admin"]["secretkey"].as_str().unwrap().into(),
@@ -581,10 +604,4 @@ fn galera_failover_under_load() {
         .collect();
     assert!(states.iter().all(|s| s == "Up"), "no server declared another Down over a database stall: {states:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT).unwrap();
-    let _ = agent.kill();
-    let _ = agent.wait();
-    for s in &mut servers {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
 }
