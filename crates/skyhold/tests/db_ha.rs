@@ -472,6 +472,33 @@ fn galera_failover_under_load() {
     let z = first_id("listZones", &[], "zone");
     let t = first_id("listTemplates", &[("templatefilter", "featured")], "template");
     let o = first_id("listServiceOfferings", &[], "serviceoffering");
+    // Deploy through server `i`, retrying on the other one when a call fails outright; the job id.
+    let submit = |i: usize, name: &str, within: Duration| -> Option<String> {
+        let params =
+            [("zoneid", z.as_str()), ("templateid", t.as_str()), ("serviceofferingid", o.as_str()), ("name", name)];
+        wait_for(within, || {
+            let (st, v) =
+                call(i, "deployVirtualMachine", &params).or_else(|| call(i + 1, "deployVirtualMachine", &params))?;
+            if st == 200 {
+                return v["deployvirtualmachineresponse"]["jobid"].as_str().map(str::to_string);
+            }
+            // A refused duplicate name means an earlier attempt was accepted.
+            assert!(st == 530 || st == 503 || (st == 431 && v.to_string().contains("already exists")), "{st} {v}");
+            None
+        })
+    };
+    // Wait for a job's final state, asking either server.
+    let finished = |j: &str| -> serde_json::Value {
+        wait_for(Duration::from_secs(60), || {
+            call(0, "queryAsyncJobResult", &[("jobid", j)])
+                .or_else(|| call(1, "queryAsyncJobResult", &[("jobid", j)]))
+                .and_then(|(_, v)| {
+                    let q = v["queryasyncjobresultresponse"].clone();
+                    (q["jobstatus"] != 0 && !q["jobstatus"].is_null()).then_some(q)
+                })
+        })
+        .unwrap_or_else(|| panic!("job {j} finished"))
+    };
     // Load through both servers; the active node dies in the middle.
     let mut jobs = Vec::new();
     let mut killed_at = None;
@@ -481,42 +508,14 @@ fn galera_failover_under_load() {
             killed_at = Some(Instant::now());
         }
         let name = format!("g{i}");
-        // A client retries on the other server when a call fails outright.
-        let r = wait_for(Duration::from_secs(30), || {
-            let (st, v) = call(
-                i,
-                "deployVirtualMachine",
-                &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", &name)],
-            )
-            .or_else(|| {
-                call(
-                    i + 1,
-                    "deployVirtualMachine",
-                    &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", &name)],
-                )
-            })?;
-            if st == 200 {
-                return v["deployvirtualmachineresponse"]["jobid"].as_str().map(str::to_string);
-            }
-            // A refused duplicate name means an earlier attempt was accepted.
-            assert!(st == 530 || st == 503 || (st == 431 && v.to_string().contains("already exists")), "{st} {v}");
-            None
-        });
+        let r = submit(i, &name, Duration::from_secs(30));
         if let Some(j) = r {
             jobs.push(j);
         }
     }
     // Every job the client was given ends exactly once.
     for j in &jobs {
-        let fin = wait_for(Duration::from_secs(60), || {
-            call(0, "queryAsyncJobResult", &[("jobid", j)])
-                .or_else(|| call(1, "queryAsyncJobResult", &[("jobid", j)]))
-                .and_then(|(_, v)| {
-                    let q = v["queryasyncjobresultresponse"].clone();
-                    (q["jobstatus"] != 0 && !q["jobstatus"].is_null()).then_some(q)
-                })
-        })
-        .unwrap_or_else(|| panic!("job {j} finished"));
+        let fin = finished(j);
         assert_eq!(fin["jobstatus"], 1, "{fin}");
     }
     eprintln!(
@@ -557,37 +556,11 @@ fn galera_failover_under_load() {
     let mut hung_jobs = Vec::new();
     for i in 0..6 {
         let name = format!("h{i}");
-        let j = wait_for(Duration::from_secs(40), || {
-            let (st, v) = call(
-                i,
-                "deployVirtualMachine",
-                &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", &name)],
-            )
-            .or_else(|| {
-                call(
-                    i + 1,
-                    "deployVirtualMachine",
-                    &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", &name)],
-                )
-            })?;
-            if st == 200 {
-                return v["deployvirtualmachineresponse"]["jobid"].as_str().map(str::to_string);
-            }
-            assert!(st == 530 || st == 503 || (st == 431 && v.to_string().contains("already exists")), "{st} {v}");
-            None
-        });
+        let j = submit(i, &name, Duration::from_secs(40));
         hung_jobs.extend(j);
     }
     for j in &hung_jobs {
-        let fin = wait_for(Duration::from_secs(60), || {
-            call(0, "queryAsyncJobResult", &[("jobid", j)])
-                .or_else(|| call(1, "queryAsyncJobResult", &[("jobid", j)]))
-                .and_then(|(_, v)| {
-                    let q = v["queryasyncjobresultresponse"].clone();
-                    (q["jobstatus"] != 0 && !q["jobstatus"].is_null()).then_some(q)
-                })
-        })
-        .unwrap_or_else(|| panic!("job {j} finished while a node hangs"));
+        let fin = finished(j);
         assert_eq!(fin["jobstatus"], 1, "{fin}");
     }
     eprintln!(
