@@ -147,45 +147,6 @@ fn init_cloud(backend: Backend) -> Option<Cloud> {
     })
 }
 
-/// Start a management server like `Cloud::start_server_ports` does, but with its own database
-/// URL (the harness uses one URL for all servers). Returns its index in `c.servers`.
-fn start_server_db(c: &mut Cloud, name: &str, db: &str) -> usize {
-    let ports = c.path(&format!("{name}.ports"));
-    let _ = std::fs::remove_file(&ports);
-    let log = c.path(&format!("{name}.log"));
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-    let d = c.dir.path().to_str().expect("utf8").to_string();
-    let child = Command::new(BIN)
-        .args(["server", "--data-dir", &d, "--db", db, "--bind", "127.0.0.1"])
-        .args(["--api-port", "0", "--agent-port", "0", "--cluster-port", "0", "--ms-id", name])
-        .arg("--ports-file")
-        .arg(&ports)
-        .env("RUST_LOG", "info,sqlx=warn")
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().expect("dup"))
-        .stderr(f)
-        .spawn()
-        .expect("spawn server");
-    let mut proc = Proc { name: name.into(), child, log };
-    let v = wait_for(Duration::from_secs(20), || {
-        std::fs::read_to_string(&ports).ok().and_then(|s| serde_json::from_str::<Value>(&s).ok())
-    });
-    let Some(v) = v else {
-        proc.kill9();
-        panic!("server {name} did not start: {}", std::fs::read_to_string(&proc.log).unwrap_or_default());
-    };
-    let api = v["api"].as_u64().expect("api port") as u16;
-    let agent = v["agent"].as_u64().expect("agent port") as u16;
-    c.servers.push((proc, api, agent));
-    if c.api_port == 0 {
-        c.api_port = api;
-    }
-    let url = format!("http://127.0.0.1:{api}/ready");
-    wait_for(Duration::from_secs(20), || ureq::get(&url).call().ok().filter(|r| r.status() == 200))
-        .expect("server ready");
-    c.servers.len() - 1
-}
-
 /// Start a simulator agent with an explicit `--mgmt` list (the harness gives it every server).
 fn start_agent_mgmt(c: &mut Cloud, name: &str, hosts: u32, mgmt: &str, extra: &[&str]) {
     let log = c.path(&format!("{name}.log"));
@@ -988,7 +949,7 @@ fn partition_self_fences(how: Cut, interval: Option<&str>) {
     let (_, proxied_url) = split_db_url(&c.db_url, proxy.port);
     // ms2 first, so that ms1 knows its peer from its first monitor round and tells the agent.
     let i2 = c.start_server("ms2");
-    let i1 = start_server_db(&mut c, "ms1", &proxied_url);
+    let i1 = c.start_server_with_db("ms1", &proxied_url);
     c.api_port = c.servers[i2].1;
     let ms1_agent = format!("127.0.0.1:{}", c.servers[i1].2);
     let ms2_agent = format!("127.0.0.1:{}", c.servers[i2].2);

@@ -221,6 +221,17 @@ impl Cloud {
 
     /// Start a server on given ports (api, agent, cluster; "0" picks free ones).
     pub fn start_server_ports(&mut self, name: &str, env: &[(&str, &str)], ports_: &[String; 3]) -> usize {
+        let db = self.db_url.clone();
+        self.start_server_on(name, env, ports_, &db)
+    }
+
+    /// Start a server on free ports with its own database URL (e.g. through a proxy the test
+    /// controls).
+    pub fn start_server_with_db(&mut self, name: &str, db: &str) -> usize {
+        self.start_server_on(name, &[], &["0".into(), "0".into(), "0".into()], db)
+    }
+
+    fn start_server_on(&mut self, name: &str, env: &[(&str, &str)], ports_: &[String; 3], db: &str) -> usize {
         let ports = self.path(&format!("{name}.ports"));
         let _ = std::fs::remove_file(&ports);
         // Append: a restarted server keeps the earlier runs' log lines.
@@ -228,7 +239,7 @@ impl Cloud {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let d = self.dir.path().to_str().expect("utf8").to_string();
         let child = Command::new(BIN)
-            .args(["server", "--data-dir", &d, "--db", &self.db_url, "--bind", "127.0.0.1"])
+            .args(["server", "--data-dir", &d, "--db", db, "--bind", "127.0.0.1"])
             .args(["--api-port", &ports_[0], "--agent-port", &ports_[1], "--cluster-port", &ports_[2], "--ms-id", name])
             .arg("--ports-file")
             .arg(&ports)
