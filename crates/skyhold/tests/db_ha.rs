@@ -3,121 +3,21 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use skyhold_testkit::{Galera, Kids, fast_tmp, have_galera, have_mariadb, promote, sql, start_pair, wait_caught_up};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Children killed when the test ends, passing or panicking (no leftover processes).
-struct Kids(Vec<Child>);
-
-impl Drop for Kids {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-struct Mdb {
-    child: Child,
-    port: u16,
-    _dir: PathBuf,
-}
-
-impl Drop for Mdb {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn sql(port: u16, q: &str) -> Result<String, String> {
-    let out = Command::new("mariadb")
-        .args(["--no-defaults", "--protocol=TCP", "-h127.0.0.1", &format!("-P{port}"), "-uroot", "-N", "-B", "-e", q])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
-}
-
-fn start_mdb(base: &Path, name: &str, server_id: u32, read_only: bool) -> Option<Mdb> {
-    let dir = base.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let st = Command::new("mariadb-install-db")
-        .args(["--no-defaults", "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"])
-        .arg(format!("--datadir={}", dir.join("data").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .ok()?;
-    assert!(st.success(), "mariadb-install-db");
-    for _ in 0..5 {
-        let port = free_port();
-        let mut child = Command::new("mariadbd")
-            .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1", "--skip-name-resolve"])
-            .arg(format!("--datadir={}", dir.join("data").display()))
-            .arg(format!("--port={port}"))
-            .arg(format!("--socket={}", dir.join("sock").display()))
-            .arg(format!("--pid-file={}", dir.join("pid").display()))
-            .arg(format!("--log-error={}", dir.join("err.log").display()))
-            .args(["--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=2", "--max-connections=500"])
-            .args(["--log-bin=mysql-bin", "--binlog-format=ROW", "--log-slave-updates=1", "--gtid-strict-mode=1"])
-            .arg(format!("--server-id={server_id}"))
-            .arg(format!("--read-only={}", if read_only { 1 } else { 0 }))
-            .args(["--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let up = wait_for(Duration::from_secs(30), || {
-            if let Ok(Some(_)) = child.try_wait() {
-                return Some(false);
-            }
-            sql(port, "select 1").ok().map(|_| true)
-        });
-        if up == Some(true) {
-            return Some(Mdb { child, port, _dir: dir });
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    None
-}
 
 #[test]
 fn replication_pair_failover() {
-    if Command::new("mariadbd").arg("--version").output().is_err() {
+    if !have_mariadb() {
         assert!(std::env::var_os("CI").is_none(), "mariadbd must be installed under CI (scripts/test.sh)");
         eprintln!("skipping: mariadbd not installed");
         return;
     }
-    let base = tempfile::tempdir_in(if Path::new("/dev/shm").exists() { "/dev/shm" } else { "/tmp" }).unwrap();
-    let primary = start_mdb(base.path(), "p1", 1, false).expect("primary");
-    let replica = start_mdb(base.path(), "r1", 2, true).expect("replica");
-    sql(primary.port, "CREATE USER repl@'%' IDENTIFIED BY 'replpw'; GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO repl@'%'; CREATE USER skyhold@'%' IDENTIFIED BY 'sky'; GRANT ALL ON *.* TO skyhold@'%';").unwrap();
-    sql(
-        replica.port,
-        &format!(
-            "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER='repl', MASTER_PASSWORD='replpw', \
-             MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1; START SLAVE;",
-            primary.port
-        ),
-    )
-    .unwrap();
+    let base = tempfile::tempdir_in(fast_tmp()).unwrap();
     // The user reaches the replica through replication.
-    wait_for(Duration::from_secs(20), || {
-        sql(replica.port, "SELECT COUNT(*) FROM mysql.user WHERE user='skyhold'").ok().filter(|n| n == "1")
-    })
-    .expect("replication running");
+    let skyhold_testkit::Pair { primary, replica } =
+        start_pair(base.path(), "skyhold", "sky").expect("replication running");
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap().to_string();
@@ -236,16 +136,11 @@ fn replication_pair_failover() {
     };
     assert_eq!(deploy("before"), "1");
     // Wait until the replica has applied everything, then lose the primary and promote the replica.
-    let gtid = sql(primary.port, "SELECT @@gtid_binlog_pos").unwrap();
-    wait_for(Duration::from_secs(20), || {
-        sql(replica.port, &format!("SELECT MASTER_GTID_WAIT('{gtid}', 1)")).ok().filter(|r| r == "0")
-    })
-    .expect("replica caught up");
+    wait_caught_up(primary.port, replica.port, Duration::from_secs(20)).expect("replica caught up");
     let mut primary = primary;
-    let _ = primary.child.kill();
-    let _ = primary.child.wait();
+    primary.kill9();
     let t0 = Instant::now();
-    sql(replica.port, "STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0;").unwrap();
+    promote(replica.port, Duration::from_secs(1)).unwrap();
     // Skyhold follows the writable node: API calls work again, nothing acknowledged was lost.
     let back = wait_for(Duration::from_secs(30), || {
         call("listVirtualMachines", &[("name", "before")]).filter(|(st, _)| *st == 200).map(|(_, v)| v)
@@ -261,129 +156,23 @@ fn replication_pair_failover() {
     drop(replica);
 }
 
-struct GNode {
-    child: Option<Child>,
-    port: u16,
-    gcomm: u16,
-    ist: u16,
-    sst: u16,
-    dir: PathBuf,
-}
-
-impl Drop for GNode {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn chown_mysql(p: &Path) {
-    let _ = Command::new("chown").args(["-R", "mysql:mysql"]).arg(p).status();
-}
-
-impl GNode {
-    fn new(base: &Path, i: usize) -> GNode {
-        let dir = base.join(format!("g{i}"));
-        let mut last = String::new();
-        let mut ok = false;
-        for _ in 0..3 {
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            chown_mysql(&dir);
-            let out = Command::new("mariadb-install-db")
-                .args(["--no-defaults", "--user=mysql", "--auth-root-authentication-method=normal", "--skip-test-db"])
-                .arg(format!("--datadir={}", dir.join("data").display()))
-                .output()
-                .unwrap();
-            if out.status.success() {
-                ok = true;
-                break;
-            }
-            last = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        }
-        assert!(ok, "mariadb-install-db failed 3 times: {last}");
-        chown_mysql(&dir);
-        GNode { child: None, port: free_port(), gcomm: free_port(), ist: free_port(), sst: free_port(), dir }
-    }
-
-    fn start(&mut self, cluster: &str, new_cluster: bool) {
-        let prov = format!(
-            "base_port={g};gmcast.listen_addr=tcp://127.0.0.1:{g};ist.recv_addr=127.0.0.1:{i};gcache.size=32M;\
-             evs.suspect_timeout=PT2S;evs.inactive_timeout=PT4S;evs.keepalive_period=PT0.5S;evs.inactive_check_period=PT0.5S",
-            g = self.gcomm,
-            i = self.ist
-        );
-        let mut cmd = Command::new("mariadbd");
-        cmd.args(["--no-defaults", "--user=mysql", "--bind-address=127.0.0.1", "--skip-name-resolve"])
-            .arg(format!("--datadir={}", self.dir.join("data").display()))
-            .arg(format!("--port={}", self.port))
-            .arg(format!("--socket={}", self.dir.join("sock").display()))
-            .arg(format!("--pid-file={}", self.dir.join("pid").display()))
-            .arg(format!("--log-error={}", self.dir.join("err.log").display()))
-            .args(["--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=2", "--max-connections=500"])
-            .args(["--binlog-format=ROW", "--default-storage-engine=InnoDB", "--innodb-autoinc-lock-mode=2"])
-            .args(["--wsrep-on=ON", "--wsrep-provider=/usr/lib/galera/libgalera_smm.so", "--wsrep-cluster-name=skyt"])
-            .arg(format!("--wsrep-cluster-address=gcomm://{cluster}"))
-            .arg(format!("--wsrep-node-address=127.0.0.1:{}", self.gcomm))
-            .arg(format!("--wsrep-provider-options={prov}"))
-            .args(["--wsrep-sst-method=rsync", "--wsrep-sst-auth=root:"])
-            .arg(format!("--wsrep-sst-receive-address=127.0.0.1:{}", self.sst))
-            .args(["--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if new_cluster {
-            cmd.arg("--wsrep-new-cluster");
-        }
-        self.child = Some(cmd.spawn().expect("start galera node"));
-    }
-
-    fn synced(&self) -> bool {
-        sql(self.port, "SHOW GLOBAL STATUS LIKE 'wsrep_local_state_comment'")
-            .map(|s| s.ends_with("Synced"))
-            .unwrap_or(false)
-    }
-
-    fn kill9(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.child = None;
-    }
-}
-
 #[test]
 fn galera_failover_under_load() {
-    if !Path::new("/usr/lib/galera/libgalera_smm.so").exists()
-        || Command::new("rsync").arg("--version").output().is_err()
-    {
+    if !have_galera() {
         assert!(std::env::var_os("CI").is_none(), "galera-4 and rsync must be installed under CI (scripts/test.sh)");
         eprintln!("skipping: galera-4 or rsync not installed");
         return;
     }
-    let shm = if Path::new("/dev/shm").exists() { "/dev/shm" } else { "/tmp" };
-    let base = tempfile::tempdir_in(shm).unwrap();
-    let _ = Command::new("chmod").arg("755").arg(base.path()).status();
-    let mut nodes: Vec<GNode> = (1..=3).map(|i| GNode::new(base.path(), i)).collect();
-    let cluster = nodes.iter().map(|n| format!("127.0.0.1:{}", n.gcomm)).collect::<Vec<_>>().join(",");
+    let base = tempfile::tempdir_in(fast_tmp()).unwrap();
     let t0 = Instant::now();
-    nodes[0].start(&cluster, true);
-    assert!(wait_for(Duration::from_secs(30), || nodes[0].synced().then_some(())).is_some(), "node 1 bootstraps");
-    sql(nodes[0].port, "CREATE USER skyhold@'%' IDENTIFIED BY 'sky'; GRANT ALL ON *.* TO skyhold@'%';").unwrap();
-    for (i, n) in nodes.iter_mut().enumerate().skip(1) {
-        n.start(&cluster, false);
-        let n = &*n;
-        assert!(wait_for(Duration::from_secs(60), || n.synced().then_some(())).is_some(), "node {} joins", i + 1);
-    }
+    let mut galera = Galera::start(base.path(), 3).expect("3 Galera nodes Synced");
+    sql(galera.nodes[0].port, "CREATE USER skyhold@'%' IDENTIFIED BY 'sky'; GRANT ALL ON *.* TO skyhold@'%';").unwrap();
     eprintln!("galera: 3 nodes Synced after {:.1} s", t0.elapsed().as_secs_f64());
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap().to_string();
     let props = dir.path().join("db.properties");
-    let hosts: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+    let hosts = galera.hosts();
     std::fs::write(
         &props,
         format!(
@@ -504,7 +293,7 @@ fn galera_failover_under_load() {
     let mut killed_at = None;
     for i in 0..16 {
         if i == 8 {
-            nodes[0].kill9();
+            galera.nodes[0].kill9();
             killed_at = Some(Instant::now());
         }
         let name = format!("g{i}");
@@ -530,9 +319,8 @@ fn galera_failover_under_load() {
     let logs = std::fs::read_to_string(dir.path().join("ms1.log")).unwrap_or_default();
     assert!(logs.contains("database failover"), "ms1 logged its failover");
     // The killed node rejoins (state transfer) and becomes the preferred node again.
-    nodes[0].start(&cluster, false);
-    let n0 = &nodes[0];
-    assert!(wait_for(Duration::from_secs(90), || n0.synced().then_some(())).is_some(), "node 1 rejoins");
+    galera.rejoin(0, Duration::from_secs(90)).expect("node 1 rejoins");
+    let n0 = &galera.nodes[0];
     let back = wait_for(Duration::from_secs(20), || {
         let st: serde_json::Value =
             serde_json::from_str(&run_ok(&["db", "status", "--data-dir", &d, "--db-properties", &p])).ok()?;
@@ -550,8 +338,7 @@ fn galera_failover_under_load() {
         (st["endpoints"][0]["active"] == true).then_some(())
     });
     assert!(ms_active_first.is_some(), "the preferred node is active again");
-    let pid = nodes[0].child.as_ref().unwrap().id() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    galera.nodes[0].sigstop().unwrap();
     let stopped = Instant::now();
     let mut hung_jobs = Vec::new();
     for i in 0..6 {
@@ -576,5 +363,5 @@ fn galera_failover_under_load() {
         .map(|m| m["state"].as_str().unwrap_or("").to_string())
         .collect();
     assert!(states.iter().all(|s| s == "Up"), "no server declared another Down over a database stall: {states:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT).unwrap();
+    galera.nodes[0].sigcont().unwrap();
 }
