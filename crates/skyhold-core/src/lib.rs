@@ -8,6 +8,7 @@
 
 pub mod agents;
 pub mod bootstrap;
+pub mod dbwatch;
 pub mod error;
 pub mod events;
 pub mod failpoint;

@@ -73,6 +73,7 @@ pub async fn register(core: &Core) -> Result<(), CoreError> {
         started_ms: 0,
         created_ms: 0,
         heartbeat_age_ms: 0,
+        db_endpoint: String::new(),
     };
     ms_register(&mut c, &row).await?;
     // Jobs our previous run held are ours to resume now (generation bumped: that run is gone).
@@ -120,7 +121,7 @@ pub async fn heartbeat_loop(core: Core) -> MembershipEnd {
         let budget = if core.is_fenced() { fence_after } else { deadline.saturating_duration_since(started) };
         let res = tokio::time::timeout(budget.max(Duration::from_millis(1)), async {
             let mut c = core.db().conn().await?;
-            ms_heartbeat(&mut c, &core.ms().id, &core.ms().run_id).await
+            ms_heartbeat(&mut c, &core.ms().id, &core.ms().run_id, &core.db().endpoint()).await
         })
         .await;
         match res {

@@ -72,6 +72,23 @@ pub async fn meta_get(c: &mut dyn Sql, name: &str) -> Result<Option<String>, DbE
     r.map(|r| crate::get_str(&r, "value")).transpose()
 }
 
+/// Set `name` to `value` unless it already holds it; true if it changed. Row-locked (`FOR UPDATE`)
+/// so that, among servers racing to record the same change, exactly one sees it change.
+pub async fn meta_swap(c: &mut dyn Sql, name: &str, value: &str) -> Result<bool, DbError> {
+    let (conn, dl) = c.parts();
+    let r = sqlx::query(&crate::sql(dl, "SELECT value FROM cloud_meta WHERE name = ? {for_update}"))
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await
+        .ctx("read cluster metadata")?;
+    let old = r.map(|r| crate::get_str(&r, "value")).transpose()?;
+    if old.as_deref() == Some(value) {
+        return Ok(false);
+    }
+    meta_set(c, name, value).await?;
+    Ok(true)
+}
+
 pub async fn meta_set(c: &mut dyn Sql, name: &str, value: &str) -> Result<(), DbError> {
     let (conn, _) = c.parts();
     let n = sqlx::query("UPDATE cloud_meta SET value = ? WHERE name = ?")

@@ -14,6 +14,14 @@
 //!   Promoting a replica is the operator's (or orchestrator's) act; Skyhold follows whichever node
 //!   is writable.
 //!
+//!   Every replica is also watched: `SHOW SLAVE STATUS` (the I/O and SQL threads, their last
+//!   errors and `Seconds_Behind_Master`) gives each endpoint a replication condition (ok, lagging
+//!   past `db.ha.replicaLagAlertSeconds`, broken); changes are logged and become events, so a
+//!   replica that silently stopped replicating is seen before it is needed.
+//!
+//! Failovers and replication changes are queued as [`DbNotice`]s for the management server to
+//! record as events (the database is reachable again by then).
+//!
 //! A transaction that fails on a lost connection is rerun by `retry_tx!` (bounded), by then on the
 //! new active endpoint: API calls arriving during a failover wait instead of failing.
 
@@ -30,6 +38,85 @@ pub struct Policy {
     pub topology: Topology,
     /// Replication: how long after a failover the primary is tried again.
     pub retry_master_after: Duration,
+    /// Replication: a replica further behind than this is reported as lagging.
+    pub lag_alert: Duration,
+}
+
+/// What a replica reports about itself (`SHOW SLAVE STATUS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaState {
+    /// The node it replicates from (`Master_Host:Master_Port`).
+    pub source: String,
+    /// `Slave_IO_Running`: Yes, No or Connecting.
+    pub io_running: String,
+    /// `Slave_SQL_Running`: Yes or No.
+    pub sql_running: String,
+    /// `Seconds_Behind_Master` (None when a thread is stopped).
+    pub lag_s: Option<i64>,
+    /// The last I/O or SQL error, if any.
+    pub last_error: String,
+}
+
+/// How replication into one endpoint stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplCondition {
+    Ok,
+    Lagging(i64),
+    Broken(String),
+}
+
+impl ReplCondition {
+    /// Short name, as shown by `db status` and stored for de-duplicating events.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReplCondition::Ok => "ok",
+            ReplCondition::Lagging(_) => "lagging",
+            ReplCondition::Broken(_) => "broken",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplCondition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplCondition::Ok => write!(f, "replicating"),
+            ReplCondition::Lagging(s) => write!(f, "replicating {s} s behind its source"),
+            ReplCondition::Broken(why) => write!(f, "replication broken: {why}"),
+        }
+    }
+}
+
+impl ReplicaState {
+    /// Judge a replica (pure; tested).
+    pub fn condition(&self, lag_alert: Duration) -> ReplCondition {
+        let err = if self.last_error.is_empty() { String::new() } else { format!(" ({})", self.last_error) };
+        if self.io_running != "Yes" {
+            return ReplCondition::Broken(format!(
+                "I/O thread {} from {}{err}",
+                match self.io_running.as_str() {
+                    "" | "No" => "stopped",
+                    other => other,
+                },
+                self.source
+            ));
+        }
+        if self.sql_running != "Yes" {
+            return ReplCondition::Broken(format!("SQL thread stopped{err}"));
+        }
+        match self.lag_s {
+            Some(s) if s as u128 > lag_alert.as_secs() as u128 => ReplCondition::Lagging(s),
+            _ => ReplCondition::Ok,
+        }
+    }
+}
+
+/// Something the connector saw that the management server records as an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbNotice {
+    /// Writes moved from one endpoint to another.
+    Failover { from: String, to: String, topology: Topology, reason: String },
+    /// Replication into `endpoint` changed condition.
+    Replication { endpoint: String, condition: ReplCondition },
 }
 
 /// One endpoint as the last probe saw it.
@@ -42,6 +129,12 @@ pub struct EndpointStatus {
     pub role: String,
     /// What the probe read (Galera state, read_only, or the error).
     pub detail: String,
+    /// Galera: nodes in this node's component (`wsrep_cluster_size`).
+    pub cluster_size: Option<i64>,
+    /// Replication: this node's state as a replica, if it is one.
+    pub replica: Option<ReplicaState>,
+    /// Replication: the condition judged from `replica` (None: not a replica, or not readable).
+    pub replication: Option<ReplCondition>,
 }
 
 pub struct Endpoints {
@@ -51,6 +144,7 @@ pub struct Endpoints {
     health: Mutex<Vec<EndpointStatus>>,
     wake: tokio::sync::Notify,
     failed_over_at: Mutex<Option<Instant>>,
+    notices: Mutex<Vec<DbNotice>>,
 }
 
 impl Endpoints {
@@ -72,6 +166,9 @@ impl Endpoints {
                 healthy: true,
                 role: "unknown".into(),
                 detail: String::new(),
+                cluster_size: None,
+                replica: None,
+                replication: None,
             })
             .collect();
         Endpoints {
@@ -81,6 +178,20 @@ impl Endpoints {
             health: Mutex::new(health),
             wake: tokio::sync::Notify::new(),
             failed_over_at: Mutex::new(None),
+            notices: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Take the notices queued since the last call (at most 1000 are kept).
+    pub(crate) fn take_notices(&self) -> Vec<DbNotice> {
+        self.notices.lock().map(|mut n| std::mem::take(&mut *n)).unwrap_or_default()
+    }
+
+    fn notify(&self, n: DbNotice) {
+        if let Ok(mut q) = self.notices.lock()
+            && q.len() < 1000
+        {
+            q.push(n);
         }
     }
 
@@ -136,17 +247,30 @@ impl Endpoints {
             .eps
             .iter()
             .zip(probes)
-            .map(|((n, _), (healthy, role, detail))| EndpointStatus {
+            .map(|((n, _), p)| EndpointStatus {
                 name: n.clone(),
                 active: false,
-                healthy,
-                role,
-                detail,
+                healthy: p.healthy,
+                role: p.role,
+                detail: p.detail,
+                cluster_size: p.cluster_size,
+                replication: p.replica.as_ref().map(|r| r.condition(policy.lag_alert)),
+                replica: p.replica,
             })
             .collect();
         let healthy: Vec<bool> = statuses.iter().map(|s| s.healthy).collect();
-        if let Ok(mut h) = self.health.lock() {
-            *h = statuses;
+        let before = self.health.lock().map(|mut h| std::mem::replace(&mut *h, statuses.clone())).unwrap_or_default();
+        for (old, new) in before.iter().zip(&statuses) {
+            // A replica that cannot be read right now (unreachable) keeps its last condition.
+            if let Some(cond) = &new.replication
+                && old.replication.as_ref().map(ReplCondition::label) != Some(cond.label())
+            {
+                match cond {
+                    ReplCondition::Ok => tracing::info!(endpoint = %new.name, "{cond}"),
+                    _ => tracing::warn!(endpoint = %new.name, "{cond}"),
+                }
+                self.notify(DbNotice::Replication { endpoint: new.name.clone(), condition: cond.clone() });
+            }
         }
         let cur = self.active.load(Ordering::SeqCst);
         let since = self.failed_over_at.lock().ok().and_then(|t| *t).map(|t| t.elapsed());
@@ -158,7 +282,12 @@ impl Endpoints {
             if let Ok(mut t) = self.failed_over_at.lock() {
                 *t = if next == 0 { None } else { Some(Instant::now()) };
             }
-            tracing::warn!(%from, %to, topology = ?policy.topology, "database failover: writing to another endpoint");
+            let reason = match statuses.get(cur) {
+                Some(s) if !s.healthy => format!("{} is {}: {}", from, s.role, s.detail),
+                _ => format!("{to} is preferred again"),
+            };
+            tracing::warn!(%from, %to, topology = ?policy.topology, %reason, "database failover: writing to another endpoint");
+            self.notify(DbNotice::Failover { from, to, topology: policy.topology, reason });
         } else if !healthy.iter().any(|h| *h) {
             tracing::error!(endpoints = %self.describe(), "Unable to get a connection from the database pool: no endpoint is usable");
         }
@@ -185,7 +314,16 @@ pub fn choose(policy: Policy, healthy: &[bool], cur: usize, since_failover: Opti
     }
 }
 
-async fn probe(pool: &AnyPool, topology: Topology) -> (bool, String, String) {
+/// What one probe of one endpoint found.
+struct Probe {
+    healthy: bool,
+    role: String,
+    detail: String,
+    cluster_size: Option<i64>,
+    replica: Option<ReplicaState>,
+}
+
+async fn probe(pool: &AnyPool, topology: Topology) -> Probe {
     let res = tokio::time::timeout(Duration::from_millis(1500), async {
         let mut c = pool.acquire().await?;
         match topology {
@@ -194,6 +332,7 @@ async fn probe(pool: &AnyPool, topology: Topology) -> (bool, String, String) {
                 let mut ready = String::new();
                 let mut state = String::new();
                 let mut comp = String::new();
+                let mut size = None;
                 for r in &rows {
                     let k: String = r.try_get(0).unwrap_or_default();
                     let v: String = r.try_get(1).unwrap_or_default();
@@ -201,29 +340,97 @@ async fn probe(pool: &AnyPool, topology: Topology) -> (bool, String, String) {
                         "wsrep_ready" => ready = v,
                         "wsrep_local_state_comment" => state = v,
                         "wsrep_cluster_status" => comp = v,
+                        "wsrep_cluster_size" => size = v.parse().ok(),
                         _ => {}
                     }
                 }
-                let ok = ready == "ON" && state == "Synced" && comp == "Primary";
-                Ok::<_, sqlx::Error>((
-                    ok,
-                    "galera".to_string(),
-                    format!("ready={ready} state={state} component={comp}"),
-                ))
+                let healthy = ready == "ON" && state == "Synced" && comp == "Primary";
+                Ok::<_, sqlx::Error>(Probe {
+                    healthy,
+                    role: "galera".to_string(),
+                    detail: format!(
+                        "ready={ready} state={state} component={comp} size={}",
+                        size.map(|s: i64| s.to_string()).unwrap_or_else(|| "?".into())
+                    ),
+                    cluster_size: size,
+                    replica: None,
+                })
             }
             _ => {
                 let ro: i64 = sqlx::query("SELECT CAST(@@read_only AS SIGNED)").fetch_one(&mut *c).await?.try_get(0)?;
                 let role = if ro == 0 { "primary" } else { "replica" };
-                Ok((ro == 0, role.to_string(), format!("read_only={ro}")))
+                let mut detail = format!("read_only={ro}");
+                let replica = match replica_state(&mut c).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        detail.push_str(&format!(
+                            "; replication state not readable ({e}): grant SLAVE MONITOR to Skyhold's database user"
+                        ));
+                        None
+                    }
+                };
+                if let Some(r) = &replica {
+                    detail.push_str(&format!(
+                        "; replicating from {} io={} sql={} lag={}",
+                        r.source,
+                        r.io_running,
+                        r.sql_running,
+                        r.lag_s.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into())
+                    ));
+                }
+                Ok(Probe { healthy: ro == 0, role: role.to_string(), detail, cluster_size: None, replica })
             }
         }
     })
     .await;
+    let down = |detail: String| Probe {
+        healthy: false,
+        role: "unreachable".into(),
+        detail,
+        cluster_size: None,
+        replica: None,
+    };
     match res {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => (false, "unreachable".into(), e.to_string()),
-        Err(_) => (false, "unreachable".into(), "no answer within 1.5 s".into()),
+        Ok(Err(e)) => down(e.to_string()),
+        Err(_) => down("no answer within 1.5 s".into()),
     }
+}
+
+/// This node's state as a replica (None when it replicates from nobody). MariaDB's
+/// `SHOW ALL SLAVES STATUS` covers every (multi-source) connection, MySQL's `SHOW SLAVE STATUS`
+/// the default one; with several connections the worst one is reported.
+async fn replica_state(c: &mut sqlx::AnyConnection) -> Result<Option<ReplicaState>, sqlx::Error> {
+    let rows = match sqlx::query("SHOW ALL SLAVES STATUS").fetch_all(&mut *c).await {
+        Ok(r) => r,
+        Err(_) => sqlx::query("SHOW SLAVE STATUS").fetch_all(&mut *c).await?,
+    };
+    let states = rows.iter().map(|r| {
+        let text = |col: &str| -> String {
+            r.try_get::<Option<String>, _>(col).ok().flatten().unwrap_or_else(|| {
+                r.try_get::<Option<i64>, _>(col).ok().flatten().map(|v| v.to_string()).unwrap_or_default()
+            })
+        };
+        let lag_s = r
+            .try_get::<Option<i64>, _>("Seconds_Behind_Master")
+            .ok()
+            .flatten()
+            .or_else(|| text("Seconds_Behind_Master").parse().ok());
+        let last_error =
+            [text("Last_IO_Error"), text("Last_SQL_Error")].into_iter().filter(|e| !e.is_empty()).collect::<Vec<_>>();
+        ReplicaState {
+            source: format!("{}:{}", text("Master_Host"), text("Master_Port")),
+            io_running: text("Slave_IO_Running"),
+            sql_running: text("Slave_SQL_Running"),
+            lag_s,
+            last_error: last_error.join("; "),
+        }
+    });
+    let rank = |r: &ReplicaState| match r.condition(Duration::ZERO) {
+        ReplCondition::Broken(_) => i64::MAX,
+        _ => r.lag_s.unwrap_or(0),
+    };
+    Ok(states.max_by_key(rank))
 }
 
 /// Watch the endpoints until the process ends (returns at once with a single endpoint).
@@ -245,7 +452,32 @@ mod tests {
     use super::*;
 
     fn p(t: Topology, retry_s: u64) -> Policy {
-        Policy { topology: t, retry_master_after: Duration::from_secs(retry_s) }
+        Policy { topology: t, retry_master_after: Duration::from_secs(retry_s), lag_alert: Duration::from_secs(10) }
+    }
+
+    fn rs(io: &str, sql: &str, lag: Option<i64>, err: &str) -> ReplicaState {
+        ReplicaState {
+            source: "10.0.0.1:3306".into(),
+            io_running: io.into(),
+            sql_running: sql.into(),
+            lag_s: lag,
+            last_error: err.into(),
+        }
+    }
+
+    #[test]
+    fn replica_conditions() {
+        let alert = Duration::from_secs(10);
+        assert_eq!(rs("Yes", "Yes", Some(0), "").condition(alert), ReplCondition::Ok);
+        assert_eq!(rs("Yes", "Yes", Some(10), "").condition(alert), ReplCondition::Ok);
+        assert_eq!(rs("Yes", "Yes", Some(11), "").condition(alert), ReplCondition::Lagging(11));
+        assert_eq!(rs("Yes", "Yes", None, "").condition(alert), ReplCondition::Ok);
+        let c = rs("Connecting", "Yes", None, "error reconnecting to master").condition(alert);
+        assert_eq!(c.label(), "broken");
+        assert!(c.to_string().contains("I/O thread Connecting from 10.0.0.1:3306 (error reconnecting"), "{c}");
+        let c = rs("Yes", "No", None, "Duplicate entry '1' for key 'PRIMARY'").condition(alert);
+        assert!(c.to_string().contains("SQL thread stopped (Duplicate entry"), "{c}");
+        assert_eq!(rs("No", "No", None, "").condition(alert).label(), "broken");
     }
 
     #[test]

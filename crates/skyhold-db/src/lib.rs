@@ -376,6 +376,11 @@ impl Db {
         self.inner.status()
     }
 
+    /// Failovers and replication changes seen since the last call, for the event log.
+    pub fn take_notices(&self) -> Vec<ha::DbNotice> {
+        self.inner.take_notices()
+    }
+
     /// Watch the endpoints' health and fail over (several endpoints only; returns at once otherwise).
     pub async fn monitor(&self) {
         ha::monitor(self.inner.clone()).await

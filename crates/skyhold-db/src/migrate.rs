@@ -17,10 +17,11 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial schema",
-    sql: r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial schema",
+        sql: r#"
 CREATE TABLE cloud_meta (
   name VARCHAR(64) NOT NULL PRIMARY KEY,
   value TEXT NOT NULL
@@ -311,10 +312,18 @@ CREATE TABLE management_server (
   created_ms BIGINT NOT NULL
 ){engine};
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "management_server.db_endpoint: the database endpoint each server writes to",
+        sql: r#"
+ALTER TABLE management_server ADD COLUMN db_endpoint VARCHAR(255) NOT NULL DEFAULT '';
+"#,
+    },
+];
 
 /// Newest schema version this binary knows.
-pub const LATEST: i64 = 1;
+pub const LATEST: i64 = 2;
 
 fn render(d: Dialect, s: &str) -> String {
     let (pk_col, engine) = match d {

@@ -19,6 +19,8 @@ pub struct MgmtServer {
     pub created_ms: i64,
     /// Age of the heartbeat on the database clock at read time.
     pub heartbeat_age_ms: i64,
+    /// The database endpoint this server wrote its last heartbeat to (redacted URL).
+    pub db_endpoint: String,
 }
 
 /// Register (or re-register) this server for a new run: state Up, fresh heartbeat.
@@ -63,13 +65,16 @@ pub async fn ms_register(c: &mut dyn Sql, m: &MgmtServer) -> Result<(), DbError>
     Ok(())
 }
 
-/// Renew the heartbeat of this run. False if the row now belongs to another run or says Down.
-pub async fn ms_heartbeat(c: &mut dyn Sql, id: &str, run_id: &str) -> Result<bool, DbError> {
+/// Renew the heartbeat of this run, recording the database endpoint it went to. False if the row
+/// now belongs to another run or says Down.
+pub async fn ms_heartbeat(c: &mut dyn Sql, id: &str, run_id: &str, db_endpoint: &str) -> Result<bool, DbError> {
     let (conn, dl) = c.parts();
     let n = sqlx::query(&sql(
         dl,
-        "UPDATE management_server SET last_heartbeat_ms = {now} WHERE id = ? AND run_id = ? AND state <> 'Down'",
+        "UPDATE management_server SET last_heartbeat_ms = {now}, db_endpoint = ? WHERE id = ? AND run_id = ? \
+         AND state <> 'Down'",
     ))
+    .bind(db_endpoint)
     .bind(id)
     .bind(run_id)
     .execute(conn)
@@ -97,7 +102,8 @@ pub async fn ms_list(c: &mut dyn Sql) -> Result<Vec<MgmtServer>, DbError> {
     let rows = sqlx::query(&sql(
         dl,
         "SELECT id, run_id, name, version, service_ip, api_port, agent_port, cluster_port, state, \
-         last_heartbeat_ms, started_ms, created_ms, {now} - last_heartbeat_ms AS age FROM management_server ORDER BY created_ms, id",
+         last_heartbeat_ms, started_ms, created_ms, {now} - last_heartbeat_ms AS age, db_endpoint FROM management_server \
+         ORDER BY created_ms, id",
     ))
     .fetch_all(conn)
     .await
@@ -118,6 +124,7 @@ pub async fn ms_list(c: &mut dyn Sql) -> Result<Vec<MgmtServer>, DbError> {
                 started_ms: get_i64(r, "started_ms")?,
                 created_ms: get_i64(r, "created_ms")?,
                 heartbeat_age_ms: get_i64(r, "age")?,
+                db_endpoint: get_str(r, "db_endpoint")?,
             })
         })
         .collect()

@@ -4,12 +4,12 @@
 //! `db.cloud.name`, `db.ha.enabled`, `db.cloud.slaves` / `db.cloud.replicas`,
 //! `db.cloud.secondsBeforeRetryMaster`, `db.cloud.queriesBeforeRetryMaster`,
 //! `db.cloud.initialTimeout`, `db.cloud.maxActive`, `db.cloud.maxIdle`, `db.ha.topology`
-//! (`single`, `galera`, `replication`). Host lists may carry `host:port` entries. A value written
-//! `ENC(...)` is decrypted with the node's key. Unknown keys are ignored (CloudStack's file holds
+//! (`single`, `galera`, `replication`), `db.ha.replicaLagAlertSeconds` (Skyhold; default 10). Host lists may carry `host:port` entries. A value written
+//! `ENC(...)` is decrypted with any key of the node's key ring. Unknown keys are ignored (CloudStack's file holds
 //! many more), malformed values are refused with the key's name.
 
 use crate::DbError;
-use crate::crypto::Key;
+use crate::crypto::KeyRing;
 use std::collections::HashMap;
 
 /// How the database endpoints relate.
@@ -43,11 +43,13 @@ pub struct DbProperties {
     pub seconds_before_retry_master: u64,
     pub queries_before_retry_master: u64,
     pub initial_timeout_s: u64,
+    /// `db.ha.replicaLagAlertSeconds` (Skyhold): a replica further behind is reported lagging.
+    pub replica_lag_alert_s: u64,
 }
 
 impl DbProperties {
     /// Parse the text of a db.properties file.
-    pub fn parse(text: &str, key: Option<&Key>) -> Result<DbProperties, DbError> {
+    pub fn parse(text: &str, key: Option<&KeyRing>) -> Result<DbProperties, DbError> {
         let mut m: HashMap<String, String> = HashMap::new();
         for line in text.lines() {
             let line = line.trim();
@@ -128,6 +130,7 @@ impl DbProperties {
             seconds_before_retry_master: num("db.cloud.secondsBeforeRetryMaster", 3600)?,
             queries_before_retry_master: num("db.cloud.queriesBeforeRetryMaster", 5000)?,
             initial_timeout_s: num("db.cloud.initialTimeout", 3600)?,
+            replica_lag_alert_s: num("db.ha.replicaLagAlertSeconds", 10)?,
         })
     }
 
@@ -156,7 +159,7 @@ mod tests {
 
     #[test]
     fn cloudstack_file() {
-        let key = Key::generate();
+        let key = KeyRing::new(crate::crypto::Key::generate());
         let enc = key.encrypt("s3cr:et@").unwrap();
         let text = format!(
             "# written by cloudstack-setup-databases\n\
@@ -204,7 +207,7 @@ mod tests {
             let e = DbProperties::parse(text, None).unwrap_err().to_string();
             assert!(e.contains(needle), "{text}: {e}");
         }
-        let e = DbProperties::parse("db.cloud.password=ENC(v1:xx)", Some(&Key::generate())).unwrap_err();
+        let e = DbProperties::parse("db.cloud.password=ENC(v1:xx)", Some(&KeyRing::new(crate::crypto::Key::generate()))).unwrap_err();
         assert!(e.to_string().contains("db.cloud.password"), "{e}");
     }
 }

@@ -141,7 +141,7 @@ backends! {
 // ---------------------------------------------------------------------------------------------
 
 async fn migrated(db: &Db) {
-    assert_eq!(migrate::migrate(db).await.expect("migrate"), vec![1]);
+    assert_eq!(migrate::migrate(db).await.expect("migrate"), (1..=LATEST).collect::<Vec<_>>());
 }
 
 async fn exec(db: &Db, q: &str) {
@@ -432,10 +432,10 @@ async fn migrations(db: Db) {
         other => panic!("check_current on an empty database: {other:?}"),
     }
 
-    assert_eq!(migrate::migrate(&db).await.unwrap(), vec![1]);
-    assert_eq!(migrate::status(&db).await.unwrap().current, Some(1));
+    assert_eq!(migrate::migrate(&db).await.unwrap(), (1..=LATEST).collect::<Vec<_>>());
+    assert_eq!(migrate::status(&db).await.unwrap().current, Some(LATEST));
     assert_eq!(migrate::migrate(&db).await.unwrap(), Vec::<i64>::new(), "second migrate applies nothing");
-    assert_eq!(migrate::status(&db).await.unwrap().current, Some(1));
+    assert_eq!(migrate::status(&db).await.unwrap().current, Some(LATEST));
     migrate::check_current(&db).await.expect("schema is current");
 
     // A database written by a newer Skyhold is refused.
@@ -450,14 +450,14 @@ async fn migrations(db: Db) {
         other => panic!("check_current on a newer schema: {other:?}"),
     }
     // Refusing changed nothing.
-    assert_eq!(count(&db, "SELECT COUNT(*) FROM schema_version", &[]).await, 2);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM schema_version", &[]).await, LATEST + 1);
 
     migrate::drop_everything(&db).await.unwrap();
     assert_eq!(migrate::status(&db).await.unwrap().current, None);
     assert!(migrate::check_current(&db).await.is_err());
 
     // A fresh migration after dropping works again.
-    assert_eq!(migrate::migrate(&db).await.unwrap(), vec![1]);
+    assert_eq!(migrate::migrate(&db).await.unwrap(), (1..=LATEST).collect::<Vec<_>>());
     migrate::check_current(&db).await.unwrap();
 
     // Tables without a schema_version row: an interrupted migration, reported rather than guessed.
@@ -1361,6 +1361,7 @@ async fn management_servers(db: Db) {
         started_ms: 0,
         created_ms: 0,
         heartbeat_age_ms: 0,
+        db_endpoint: String::new(),
     };
     let mut c = db.conn().await.unwrap();
     ms::ms_register(&mut c, &server("ms-1", "run-1")).await.unwrap();
@@ -1376,9 +1377,11 @@ async fn management_servers(db: Db) {
     let mut c = db.conn().await.unwrap();
     let l = ms::ms_list(&mut c).await.unwrap();
     assert!(l[0].heartbeat_age_ms >= 30, "age on the database clock: {}", l[0].heartbeat_age_ms);
-    assert!(ms::ms_heartbeat(&mut c, "ms-1", "run-1").await.unwrap());
-    assert!(!ms::ms_heartbeat(&mut c, "ms-1", "run-x").await.unwrap());
-    assert!(!ms::ms_heartbeat(&mut c, "ms-9", "run-1").await.unwrap());
+    assert!(ms::ms_heartbeat(&mut c, "ms-1", "run-1", "ep-1").await.unwrap());
+    let listed = ms::ms_list(&mut c).await.unwrap();
+    assert_eq!(listed.iter().find(|m| m.id == "ms-1").map(|m| m.db_endpoint.as_str()), Some("ep-1"));
+    assert!(!ms::ms_heartbeat(&mut c, "ms-1", "run-x", "ep-1").await.unwrap());
+    assert!(!ms::ms_heartbeat(&mut c, "ms-9", "run-1", "ep-1").await.unwrap());
     let l = ms::ms_list(&mut c).await.unwrap();
     assert!(l[0].last_heartbeat_ms > hb1);
 
@@ -1389,16 +1392,16 @@ async fn management_servers(db: Db) {
     let l = ms::ms_list(&mut c).await.unwrap();
     assert_eq!(l.len(), 1);
     assert_eq!((l[0].run_id.as_str(), l[0].api_port), ("run-2", 8081));
-    assert!(!ms::ms_heartbeat(&mut c, "ms-1", "run-1").await.unwrap());
+    assert!(!ms::ms_heartbeat(&mut c, "ms-1", "run-1", "ep-1").await.unwrap());
     assert!(!ms::ms_set_state(&mut c, "ms-1", "run-1", "Down").await.unwrap());
-    assert!(ms::ms_heartbeat(&mut c, "ms-1", "run-2").await.unwrap());
+    assert!(ms::ms_heartbeat(&mut c, "ms-1", "run-2", "ep-1").await.unwrap());
 
     // Down: heartbeats stop counting until the server registers again.
     assert!(ms::ms_set_state(&mut c, "ms-1", "run-2", "Down").await.unwrap());
-    assert!(!ms::ms_heartbeat(&mut c, "ms-1", "run-2").await.unwrap());
+    assert!(!ms::ms_heartbeat(&mut c, "ms-1", "run-2", "ep-1").await.unwrap());
     assert_eq!(ms::ms_list(&mut c).await.unwrap()[0].state, "Down");
     ms::ms_register(&mut c, &server("ms-1", "run-3")).await.unwrap();
-    assert!(ms::ms_heartbeat(&mut c, "ms-1", "run-3").await.unwrap());
+    assert!(ms::ms_heartbeat(&mut c, "ms-1", "run-3", "ep-1").await.unwrap());
 
     ms::ms_register(&mut c, &server("ms-2", "run-a")).await.unwrap();
     let ids: Vec<String> = ms::ms_list(&mut c).await.unwrap().into_iter().map(|m| m.id).collect();
@@ -1732,6 +1735,7 @@ async fn membership_down_and_takeover(db: Db) {
         started_ms: 0,
         created_ms: 0,
         heartbeat_age_ms: 0,
+        db_endpoint: String::new(),
     };
     let mut c = db.conn().await.unwrap();
     ms::ms_register(&mut c, &server("ms-a", "run-a")).await.unwrap();
@@ -1752,11 +1756,11 @@ async fn membership_down_and_takeover(db: Db) {
     let mut c = db.conn().await.unwrap();
     assert!(ms::ms_is_down_run(&mut c, "ms-a", "run-a").await.unwrap());
     // The dead run cannot heartbeat any more.
-    assert!(!ms::ms_heartbeat(&mut c, "ms-a", "run-a").await.unwrap());
+    assert!(!ms::ms_heartbeat(&mut c, "ms-a", "run-a", "ep-1").await.unwrap());
     // A new run of the same id replaces the row: the old run's takeover must no longer apply.
     ms::ms_register(&mut c, &server("ms-a", "run-b")).await.unwrap();
     assert!(!ms::ms_is_down_run(&mut c, "ms-a", "run-a").await.unwrap());
-    assert!(ms::ms_heartbeat(&mut c, "ms-a", "run-b").await.unwrap());
+    assert!(ms::ms_heartbeat(&mut c, "ms-a", "run-b", "ep-1").await.unwrap());
     // Drain requests and cancels are conditional on the state.
     assert!(ms::ms_request_drain(&mut c, "ms-a").await.unwrap());
     assert!(!ms::ms_request_drain(&mut c, "ms-a").await.unwrap());

@@ -68,6 +68,7 @@ impl Node {
                     policy = Some(skyhold_db::ha::Policy {
                         topology: props.topology,
                         retry_master_after: std::time::Duration::from_secs(props.seconds_before_retry_master),
+                        lag_alert: std::time::Duration::from_secs(props.replica_lag_alert_s),
                     });
                 }
                 props.url(0)

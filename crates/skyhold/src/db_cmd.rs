@@ -48,9 +48,7 @@ pub async fn run(a: DbArgs) -> Result<u8> {
                     "binary_schema_version": st.latest,
                     "initialized": init,
                     "up_to_date": st.current == Some(st.latest),
-                    "endpoints": db.endpoints_status().iter().map(|e| json!({
-                        "endpoint": e.name, "active": e.active, "healthy": e.healthy, "role": e.role, "detail": e.detail,
-                    })).collect::<Vec<_>>(),
+                    "endpoints": crate::cluster_cmd::endpoints_json(&db),
                 }))?
             );
             Ok(0)

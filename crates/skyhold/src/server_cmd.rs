@@ -77,6 +77,7 @@ pub async fn run(a: ServerArgs) -> Result<u8> {
         tokio::spawn(async move { db.monitor().await });
     }
     tokio::spawn(skyhold_core::settings::watch(core.clone()));
+    tokio::spawn(skyhold_core::dbwatch::run(core.clone()));
     tokio::spawn(skyhold_core::jobs::run_executor(core.clone()));
     tokio::spawn(skyhold_core::housekeeping::run(core.clone()));
     tokio::spawn(skyhold_core::agents::serve(core.clone(), agent_l));
