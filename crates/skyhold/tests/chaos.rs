@@ -36,18 +36,10 @@ macro_rules! both {
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Where each VM runs according to the ledger (replaying every successful execution in order).
+/// Where each VM runs according to the ledger (replaying every successful execution in order;
+/// asserts invariants 5 and 7 on the way).
 fn ledger_running(c: &Cloud) -> HashMap<String, String> {
-    let mut running = HashMap::new();
-    for e in c.ledger_entries().iter().filter(|e| e["kind"] == "exec" && e["outcome"] == "ok") {
-        let vm = e["vm"].as_str().unwrap_or("").to_string();
-        if e["state"] == "Running" {
-            running.insert(vm, e["host"].as_str().unwrap_or("").to_string());
-        } else {
-            running.remove(&vm);
-        }
-    }
-    running
+    check_ledger(&c.ledger_entries())
 }
 
 /// One signed GET that never panics: a transport failure (refused, reset, timeout) is `Err`.

@@ -280,39 +280,12 @@ impl Cloud {
 
     /// Every entry of the agents' ledger (the ground truth of what hypervisors executed).
     pub fn ledger_entries(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.ledger())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).expect("ledger line"))
-            .collect()
+        read_ledger(&self.ledger())
     }
 
-    /// Invariants 5 and 7 from the ledger: every (job, step) executed at most once, and no VM
-    /// running on two hosts at once.
+    /// Invariants 5 and 7 from the ledger (see [`check_ledger`]).
     pub fn assert_ledger_invariants(&self) {
-        let l = self.ledger_entries();
-        let mut seen = std::collections::HashSet::new();
-        for e in l.iter().filter(|e| e["kind"] == "exec") {
-            let k = (e["job"].to_string(), e["step"].to_string());
-            assert!(seen.insert(k.clone()), "(job, step) executed twice: {k:?}");
-        }
-        let mut running: std::collections::HashMap<String, String> = std::collections::HashMap::new();
-        for e in l.iter().filter(|e| e["kind"] == "exec" && e["outcome"] == "ok") {
-            let vm = e["vm"].as_str().unwrap_or("").to_string();
-            let host = e["host"].as_str().unwrap_or("").to_string();
-            match e["state"].as_str() {
-                Some("Running") => {
-                    if let Some(h) = running.get(&vm) {
-                        assert_eq!(h, &host, "VM {vm} running on two hosts");
-                    }
-                    running.insert(vm, host);
-                }
-                _ => {
-                    running.remove(&vm);
-                }
-            }
-        }
+        check_ledger(&self.ledger_entries());
     }
 
     pub fn start_agent(&mut self, name: &str, hosts: u32, extra: &[&str]) {
@@ -536,4 +509,41 @@ pub fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Every entry of an agent ledger file (JSON lines).
+pub fn read_ledger(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("ledger line"))
+        .collect()
+}
+
+/// Invariants 5 and 7 from a ledger: every (job, step) executed at most once, and no VM running
+/// on two hosts at once. Returns where each VM runs at the end (VM id -> host id).
+pub fn check_ledger(l: &[Value]) -> std::collections::HashMap<String, String> {
+    let mut seen = std::collections::HashSet::new();
+    for e in l.iter().filter(|e| e["kind"] == "exec") {
+        let k = (e["job"].to_string(), e["step"].to_string());
+        assert!(seen.insert(k.clone()), "(job, step) executed twice: {k:?}");
+    }
+    let mut running: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for e in l.iter().filter(|e| e["kind"] == "exec" && e["outcome"] == "ok") {
+        let vm = e["vm"].as_str().unwrap_or("").to_string();
+        let host = e["host"].as_str().unwrap_or("").to_string();
+        match e["state"].as_str() {
+            Some("Running") => {
+                if let Some(h) = running.get(&vm) {
+                    assert_eq!(h, &host, "VM {vm} running on two hosts");
+                }
+                running.insert(vm, host);
+            }
+            _ => {
+                running.remove(&vm);
+            }
+        }
+    }
+    running
 }
