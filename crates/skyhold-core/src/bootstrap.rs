@@ -4,7 +4,7 @@
 use crate::CoreError;
 use skyhold_db::account::{Account, Domain, NewUser, account_insert, domain_insert, user_insert};
 use skyhold_db::config::{meta_get, meta_set};
-use skyhold_db::crypto::{Key, password_hash, random_token, sha256_hex};
+use skyhold_db::crypto::{KeyRing, password_hash, random_token, sha256_hex};
 use skyhold_db::infra::{Cluster, Offering, Pod, Template, Zone};
 use skyhold_db::{Db, retry_tx};
 use skyhold_types::{CsError, ErrorCode};
@@ -39,26 +39,16 @@ pub async fn is_initialized(db: &Db) -> Result<bool, CoreError> {
     Ok(meta_get(&mut c, "key_fingerprint").await?.is_some())
 }
 
-/// Refuse to run with a key file that is not the cluster's (the seed's silent secondary-node
-/// failure, made loud).
-pub async fn check_key(db: &Db, key: &Key, key_path: &str) -> Result<(), CoreError> {
-    let mut c = db.conn().await?;
-    match meta_get(&mut c, "key_fingerprint").await? {
-        Some(fp) if fp == key.fingerprint() => Ok(()),
-        Some(_) => Err(CoreError::Cs(CsError::new(
-            ErrorCode::Internal,
-            format!("encryption key does not match the cluster's key: copy {key_path} from an existing node"),
-        ))),
-        None => Err(CoreError::Cs(CsError::new(
-            ErrorCode::Internal,
-            "the database is not initialised: run `skyhold db init`",
-        ))),
-    }
+/// Refuse to run with a key file whose ring does not hold the cluster's key (the seed's silent
+/// secondary-node failure, made loud). Servers use `keys::check_at_start`, which also adopts a
+/// staged key and promotes the cluster's key.
+pub async fn check_key(db: &Db, key: &KeyRing, key_path: &str) -> Result<(), CoreError> {
+    crate::keys::check_ring(db, key, key_path).await.map(|_| ())
 }
 
 /// Create schema, ROOT domain, the admin account and user, the agent join token.
-/// `admin_password`: use this password, or generate one.
-pub async fn init(db: &Db, key: &Key, admin_password: Option<String>) -> Result<InitResult, CoreError> {
+/// `admin_password`: use this password, or generate one. The ring's primary becomes the cluster key.
+pub async fn init(db: &Db, key: &KeyRing, admin_password: Option<String>) -> Result<InitResult, CoreError> {
     skyhold_db::migrate::migrate(db).await?;
     if is_initialized(db).await? {
         return Err(CoreError::Cs(CsError::new(
@@ -74,7 +64,7 @@ pub async fn init(db: &Db, key: &Key, admin_password: Option<String>) -> Result<
     };
     // Hex, so a token never starts with `-` (it is passed on command lines).
     let agent_token = hex_token();
-    let fp = key.fingerprint();
+    let fp = key.primary().fingerprint();
     let token_hash = sha256_hex(agent_token.as_bytes());
     let cluster_secret = key.encrypt(&random_token(32))?;
     retry_tx!(db, |tx| {
@@ -102,10 +92,11 @@ pub async fn rotate_agent_token(db: &Db) -> Result<String, CoreError> {
 }
 
 /// Create an account with one user (same name) holding an API key pair. `account_type` 1 is an
-/// administrator, 0 an ordinary user.
+/// administrator, 0 an ordinary user. The secret is encrypted under the cluster's key, read (and
+/// locked) in the same transaction, so a concurrent key rotation cannot leave it under the old key.
 pub async fn create_account(
     db: &Db,
-    key: &Key,
+    key: &KeyRing,
     domain_id: &str,
     name: &str,
     account_type: i64,
@@ -124,19 +115,21 @@ pub async fn create_account(
         account_type,
         state: "enabled".into(),
     };
-    let user = NewUser {
+    let mut user = NewUser {
         id: uuid::Uuid::new_v4().to_string(),
         account_id: account.id.clone(),
         username: name.into(),
         password_hash: password_hash(&password),
         api_key: Some(api_key.clone()),
-        secret_enc: Some(key.encrypt(&secret_key)?),
+        secret_enc: None,
         firstname: name.into(),
         lastname: "".into(),
         email: "".into(),
     };
     retry_tx!(db, |tx| {
         async {
+            let k = crate::keys::cluster_key_locked(&mut tx, key).await?;
+            user.secret_enc = Some(k.encrypt(&secret_key)?);
             account_insert(&mut tx, &account).await.map_err(|e| {
                 if e.is_unique_violation() {
                     CoreError::cs(ErrorCode::ParamError, format!("an account named {name} already exists"))

@@ -12,6 +12,16 @@ pub struct EventOwner {
     pub user_id: Option<String>,
 }
 
+/// Who system events (membership, takeovers, key rotation) belong to: the first administrator
+/// account.
+pub async fn system_owner(c: &mut dyn Sql) -> Result<EventOwner, CoreError> {
+    let admin = skyhold_db::account::user_list(c).await?.into_iter().find(|u| u.account_type == 1);
+    Ok(match admin {
+        Some(u) => EventOwner { account_id: u.account_id, domain_id: u.domain_id, user_id: None },
+        None => EventOwner { account_id: String::new(), domain_id: String::new(), user_id: None },
+    })
+}
+
 /// Append an event in the caller's transaction (or connection).
 pub async fn record(
     c: &mut dyn Sql,

@@ -14,6 +14,7 @@ pub mod events;
 pub mod failpoint;
 pub mod housekeeping;
 pub mod jobs;
+pub mod keys;
 pub mod membership;
 pub mod peer;
 pub mod placement;
@@ -23,7 +24,7 @@ pub mod view;
 pub mod vm;
 
 use skyhold_db::Db;
-use skyhold_db::crypto::Key;
+use skyhold_db::crypto::KeyRing;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -51,7 +52,7 @@ pub struct Core {
 
 struct Inner {
     db: Db,
-    key: Key,
+    keys: keys::NodeKeys,
     cluster_secret: String,
     ms: MsIdentity,
     settings: settings::Settings,
@@ -81,11 +82,11 @@ pub struct PeerInfo {
 
 impl Core {
     /// `cluster_secret` authenticates the peer channel (decrypted from `cloud_meta`).
-    pub fn new(db: Db, key: Key, cluster_secret: String, ms: MsIdentity) -> Core {
+    pub fn new(db: Db, keys: keys::NodeKeys, cluster_secret: String, ms: MsIdentity) -> Core {
         Core {
             inner: Arc::new(Inner {
                 db,
-                key,
+                keys,
                 cluster_secret,
                 ms,
                 settings: settings::Settings::default(),
@@ -105,8 +106,12 @@ impl Core {
     pub fn db(&self) -> &Db {
         &self.inner.db
     }
-    pub fn key(&self) -> &Key {
-        &self.inner.key
+    /// The node's key ring as it is now (a rotation may swap it).
+    pub fn key(&self) -> Arc<KeyRing> {
+        self.inner.keys.current()
+    }
+    pub fn node_keys(&self) -> &keys::NodeKeys {
+        &self.inner.keys
     }
     pub fn cluster_secret(&self) -> &str {
         &self.inner.cluster_secret
@@ -162,11 +167,7 @@ impl Core {
     /// Who system events (membership, takeovers) belong to: the first administrator account.
     pub async fn system_owner(&self) -> Result<events::EventOwner, CoreError> {
         let mut c = self.db().conn().await?;
-        let admin = skyhold_db::account::user_list(&mut c).await?.into_iter().find(|u| u.account_type == 1);
-        Ok(match admin {
-            Some(u) => events::EventOwner { account_id: u.account_id, domain_id: u.domain_id, user_id: None },
-            None => events::EventOwner { account_id: String::new(), domain_id: String::new(), user_id: None },
-        })
+        events::system_owner(&mut c).await
     }
 
     /// Live peers as last seen by the membership monitor.

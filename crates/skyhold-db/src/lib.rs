@@ -21,6 +21,7 @@ pub mod job;
 pub mod migrate;
 pub mod ms;
 pub mod props;
+pub mod secrets;
 pub mod vm;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};

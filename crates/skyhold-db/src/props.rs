@@ -207,7 +207,9 @@ mod tests {
             let e = DbProperties::parse(text, None).unwrap_err().to_string();
             assert!(e.contains(needle), "{text}: {e}");
         }
-        let e = DbProperties::parse("db.cloud.password=ENC(v1:xx)", Some(&KeyRing::new(crate::crypto::Key::generate()))).unwrap_err();
+        let e =
+            DbProperties::parse("db.cloud.password=ENC(v1:xx)", Some(&KeyRing::new(crate::crypto::Key::generate())))
+                .unwrap_err();
         assert!(e.to_string().contains("db.cloud.password"), "{e}");
     }
 }

@@ -1669,7 +1669,7 @@ async fn crypto_secrets_in_users(db: Db) {
         let stored = u.secret_enc.clone().expect("secret stored");
         assert_ne!(stored, secret);
         assert!(!stored.contains(secret));
-        assert!(stored.starts_with("v1:"), "{stored}");
+        assert!(stored.starts_with(&format!("v2:{}:", key.fingerprint())), "{stored}");
         assert_eq!(key.decrypt(&stored).unwrap(), secret);
         assert!(Key::generate().decrypt(&stored).is_err(), "another key cannot decrypt");
         assert!(crypto::password_verify("hunter2", &u.password_hash));

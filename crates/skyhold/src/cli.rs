@@ -31,7 +31,7 @@ pub enum Cmd {
     Account(AccountArgs),
     /// Inspect and steer the management server cluster.
     Cluster(ClusterArgs),
-    /// The node's encryption key: fingerprint, and ENC(...) values for config files.
+    /// The node's encryption key ring: fingerprints, ENC(...) values for config files, rotation.
     Keys(KeysArgs),
 }
 
@@ -43,18 +43,37 @@ pub struct KeysArgs {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum KeysAction {
-    /// Show the key file's fingerprint and, if the database is reachable, whether it is the
-    /// cluster's key.
+    /// Show the key file's keys (primary, staged, retired) and, if the database is reachable,
+    /// the cluster's key and the state of a rotation.
     Show {
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// Print VALUE encrypted with the node's key as ENC(...), for db.properties.
+    /// Print VALUE encrypted with the node's primary key as ENC(...), for db.properties.
     Encrypt {
         #[command(flatten)]
         node: NodeArgs,
         /// The value to encrypt.
         value: String,
+    },
+    /// Rotate the cluster's encryption key while the servers keep serving: stage a new key, wait
+    /// until every running management server holds it, then re-encrypt every stored secret under
+    /// it. Run on any one node; running it again continues a staged rotation.
+    Rotate {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Seconds to wait for every management server to acknowledge the new key.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+        /// Drop a staged rotation instead (servers keep the unused key until forget-retired).
+        #[arg(long)]
+        abort: bool,
+    },
+    /// Drop every key but the cluster's from this node's key file, once no ENC(...) value needs
+    /// a retired key (checked for --db-properties).
+    ForgetRetired {
+        #[command(flatten)]
+        node: NodeArgs,
     },
 }
 

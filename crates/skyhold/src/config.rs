@@ -4,7 +4,7 @@
 use crate::cli::NodeArgs;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use skyhold_db::crypto::Key;
+use skyhold_db::crypto::{Key, KeyRing};
 use skyhold_db::{Db, DbConfig};
 use std::path::{Path, PathBuf};
 
@@ -60,7 +60,7 @@ impl Node {
             (None, Some(path)) => {
                 let text =
                     std::fs::read_to_string(path).with_context(|| format!("read db.properties {}", path.display()))?;
-                let key = if key_file.exists() { Some(Key::load(&key_file)?) } else { None };
+                let key = if key_file.exists() { Some(KeyRing::load(&key_file)?) } else { None };
                 let props = skyhold_db::props::DbProperties::parse(&text, key.as_ref())?;
                 max_connections = props.max_active;
                 if props.endpoints.len() > 1 {
@@ -101,19 +101,19 @@ impl Node {
         Ok(db)
     }
 
-    /// Load the node's key, or explain how to get one.
-    pub fn load_key(&self) -> Result<Key> {
+    /// Load the node's key ring, or explain how to get one.
+    pub fn load_key(&self) -> Result<KeyRing> {
         if !self.key_file.exists() {
             bail!(
                 "key file {} is missing: run `skyhold db init` on the first node, or copy the key file from an existing node",
                 self.key_file.display()
             );
         }
-        Ok(Key::load(&self.key_file)?)
+        Ok(KeyRing::load(&self.key_file)?)
     }
 
     /// Load the key, or create it (first `db init`).
-    pub fn load_or_create_key(&self) -> Result<Key> {
+    pub fn load_or_create_key(&self) -> Result<KeyRing> {
         if self.key_file.exists() {
             return self.load_key();
         }
@@ -122,7 +122,7 @@ impl Node {
         }
         let k = Key::generate();
         k.save_new(&self.key_file)?;
-        Ok(k)
+        Ok(KeyRing::new(k))
     }
 }
 

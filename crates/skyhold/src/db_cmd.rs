@@ -76,7 +76,7 @@ pub async fn init(n: &Node, force: bool, admin_password: Option<String>, seed: b
     Ok(json!({
         "database": skyhold_db::redact_url(&n.db_url),
         "key_file": n.key_file.display().to_string(),
-        "key_fingerprint": key.fingerprint(),
+        "key_fingerprint": key.primary().fingerprint(),
         "admin": {
             "username": res.admin.username,
             "password": res.admin.password,

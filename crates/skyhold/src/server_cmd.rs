@@ -4,7 +4,7 @@ use crate::cli::ServerArgs;
 use crate::config::{FileConfig, Node};
 use anyhow::{Context, Result, anyhow};
 use serde_json::json;
-use skyhold_core::{Core, MsIdentity, bootstrap, membership};
+use skyhold_core::{Core, MsIdentity, membership};
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
@@ -37,10 +37,10 @@ fn ms_id(node: &Node, configured: Option<String>) -> Result<String> {
 pub async fn run(a: ServerArgs) -> Result<u8> {
     let file = FileConfig::load(a.node.config.as_deref())?;
     let node = Node::resolve(&a.node, &file)?;
-    let key = node.load_key()?;
+    let keys = skyhold_core::keys::NodeKeys::new(node.load_key()?, Some(node.key_file.clone()));
     let db = node.open_db(false).await?;
     skyhold_db::migrate::check_current(&db).await?;
-    bootstrap::check_key(&db, &key, &node.key_file.display().to_string()).await.map_err(|e| anyhow!("{e}"))?;
+    skyhold_core::keys::check_at_start(&db, &keys).await.map_err(|e| anyhow!("{e}"))?;
 
     let bind_ip = a.bind.clone().or(file.bind.clone()).unwrap_or_else(|| "0.0.0.0".into());
     let api_l = bind(&bind_ip, a.api_port.or(file.api_port).unwrap_or(8080), "API").await?;
@@ -66,17 +66,22 @@ pub async fn run(a: ServerArgs) -> Result<u8> {
         let enc = skyhold_db::config::meta_get(&mut c, "cluster_secret")
             .await?
             .ok_or_else(|| anyhow!("the database has no cluster secret: run `skyhold db init`"))?;
-        key.decrypt(&enc)?
+        keys.current().decrypt(&enc)?
     };
-    let core = Core::new(db, key, cluster_secret, ident);
+    let core = Core::new(db, keys, cluster_secret, ident);
     core.settings().refresh(core.db()).await?;
     membership::register(&core).await.map_err(|e| anyhow!("{e}"))?;
+    if let Err(e) = skyhold_core::keys::check_after_register(&core).await {
+        let _ = membership::set_state(&core, "Down").await;
+        return Err(anyhow!("{e}"));
+    }
 
     {
         let db = core.db().clone();
         tokio::spawn(async move { db.monitor().await });
     }
     tokio::spawn(skyhold_core::settings::watch(core.clone()));
+    tokio::spawn(skyhold_core::keys::run(core.clone()));
     tokio::spawn(skyhold_core::dbwatch::run(core.clone()));
     tokio::spawn(skyhold_core::jobs::run_executor(core.clone()));
     tokio::spawn(skyhold_core::housekeeping::run(core.clone()));
