@@ -300,20 +300,43 @@ async fn run_one(core: Core, claimed: Claimed) {
     renew.abort();
     match res {
         Ok(Outcome::Done) => tracing::info!(job = %job_id, "job finished"),
-        Err(CoreError::LeaseLost) => tracing::warn!(job = %job_id, "job lease lost; another server continues it"),
         Err(e) => {
-            // Infrastructure failure (database unreachable, a transaction that kept failing):
-            // hand the job back so it resumes from its last durable step without waiting for its
-            // lease to expire (if the database is still away, the lease does it later).
-            tracing::warn!(job = %job_id, error = %e, "job step failed; handing the job back to be resumed");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let released = async {
-                let mut c = core.db().conn().await?;
-                skyhold_db::job::job_release(&mut c, &job_id, gen_).await
+            // Infrastructure failure (database unreachable, a transaction that kept failing), or
+            // this server stopped the job because it self-fenced: hand the job back so it resumes
+            // from its last durable step without waiting for its lease to expire. The release is
+            // conditional on our lease generation, so a job really taken over is left alone.
+            // During a database failover the first attempts fail too: keep trying until the
+            // lease would have expired anyway.
+            if matches!(e, CoreError::LeaseLost) {
+                tracing::warn!(job = %job_id, "job stopped: lease lost or server self-fenced; handing it back if still ours");
+            } else {
+                tracing::warn!(job = %job_id, error = %e, "job step failed; handing the job back to be resumed");
             }
-            .await;
-            if matches!(released, Ok(true)) {
-                core.wake_cluster();
+            let give_up = tokio::time::Instant::now() + Duration::from_millis(JOB_LEASE_MS as u64);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let limit = core.db().tx_timeout();
+                let released = tokio::time::timeout(limit, async {
+                    let mut c = core.db().conn().await?;
+                    skyhold_db::job::job_release(&mut c, &job_id, gen_).await
+                })
+                .await
+                .unwrap_or(Err(skyhold_db::DbError::TxTimeout(limit)));
+                match released {
+                    Ok(true) => {
+                        core.wake_cluster();
+                        break;
+                    }
+                    // Taken over or finished meanwhile: nothing to hand back.
+                    Ok(false) => break,
+                    Err(e) if tokio::time::Instant::now() < give_up => {
+                        tracing::debug!(job = %job_id, error = %e, "could not hand the job back yet");
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %job_id, error = %e, "could not hand the job back; its lease expires");
+                        break;
+                    }
+                }
             }
         }
     }
