@@ -145,6 +145,9 @@ pub struct Endpoints {
     wake: tokio::sync::Notify,
     failed_over_at: Mutex<Option<Instant>>,
     notices: Mutex<Vec<DbNotice>>,
+    /// One monitoring connection per endpoint, outside the pools: a probe must fail at once on a
+    /// dead node (a pool keeps retrying the connect until its acquire timeout).
+    probe_conns: Vec<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>,
 }
 
 impl Endpoints {
@@ -157,6 +160,7 @@ impl Endpoints {
     }
 
     fn build(eps: Vec<(String, AnyPool)>, policy: Option<Policy>) -> Endpoints {
+        let n = eps.len();
         let health = eps
             .iter()
             .enumerate()
@@ -179,6 +183,7 @@ impl Endpoints {
             wake: tokio::sync::Notify::new(),
             failed_over_at: Mutex::new(None),
             notices: Mutex::new(Vec::new()),
+            probe_conns: (0..n).map(|_| tokio::sync::Mutex::new(None)).collect(),
         }
     }
 
@@ -242,7 +247,10 @@ impl Endpoints {
     /// Probe every endpoint and choose the active one.
     pub(crate) async fn check_all(&self) {
         let Some(policy) = self.policy else { return };
-        let probes = futures::future::join_all(self.eps.iter().map(|(_, p)| probe(p, policy.topology))).await;
+        let probes = futures::future::join_all(
+            self.eps.iter().zip(&self.probe_conns).map(|((_, p), c)| probe(p, c, policy.topology)),
+        )
+        .await;
         let statuses: Vec<EndpointStatus> = self
             .eps
             .iter()
@@ -323,9 +331,14 @@ struct Probe {
     replica: Option<ReplicaState>,
 }
 
-async fn probe(pool: &AnyPool, topology: Topology) -> Probe {
+async fn probe(pool: &AnyPool, slot: &tokio::sync::Mutex<Option<sqlx::AnyConnection>>, topology: Topology) -> Probe {
+    use sqlx::ConnectOptions;
+    let mut guard = slot.lock().await;
     let res = tokio::time::timeout(Duration::from_millis(1500), async {
-        let mut c = pool.acquire().await?;
+        if guard.is_none() {
+            *guard = Some(pool.connect_options().connect().await?);
+        }
+        let Some(c) = guard.as_mut() else { return Err(sqlx::Error::PoolClosed) };
         match topology {
             Topology::Galera => {
                 let rows = sqlx::query("SHOW GLOBAL STATUS LIKE 'wsrep_%'").fetch_all(&mut *c).await?;
@@ -360,7 +373,7 @@ async fn probe(pool: &AnyPool, topology: Topology) -> Probe {
                 let ro: i64 = sqlx::query("SELECT CAST(@@read_only AS SIGNED)").fetch_one(&mut *c).await?.try_get(0)?;
                 let role = if ro == 0 { "primary" } else { "replica" };
                 let mut detail = format!("read_only={ro}");
-                let replica = match replica_state(&mut c).await {
+                let replica = match replica_state(c).await {
                     Ok(r) => r,
                     Err(e) => {
                         detail.push_str(&format!(
@@ -383,6 +396,10 @@ async fn probe(pool: &AnyPool, topology: Topology) -> Probe {
         }
     })
     .await;
+    if !matches!(res, Ok(Ok(_))) {
+        // A failed or hung monitoring connection is replaced by a fresh one next time.
+        *guard = None;
+    }
     let down = |detail: String| Probe {
         healthy: false,
         role: "unreachable".into(),
