@@ -40,6 +40,19 @@ impl Drop for Kids {
     }
 }
 
+/// Have the child `cmd` starts receive SIGKILL when the thread that starts it exits (Linux
+/// `PR_SET_PDEATHSIG`), so that a test or bench killed outright (a timeout's SIGKILL) leaves no
+/// database behind. Best effort: a child that changes its user (Galera nodes run as `mysql`)
+/// loses the setting. Start long-lived children from a thread that outlives them.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec; it only calls prctl(2), which is
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from))
+    }
+}
+
 /// Whether `mariadbd` can be run here.
 pub fn have_mariadb() -> bool {
     Command::new("mariadbd").arg("--version").output().is_ok()
@@ -179,7 +192,7 @@ impl Mdb {
             bail!("MariaDB node {} is already running", self.dir.display());
         }
         let dir = &self.dir;
-        let mut child = Command::new("mariadbd")
+        let mut child = die_with_parent(&mut Command::new("mariadbd"))
             .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1", "--skip-name-resolve"])
             .arg(format!("--datadir={}", dir.join("data").display()))
             .arg(format!("--port={}", self.port))
@@ -392,26 +405,27 @@ pub fn rebuild_replica(node: &mut Mdb, primary_port: u16, within: Duration) -> R
     // Accounts first (not binlogged on the replica: no errant GTIDs), then the data with the
     // GTID position it was taken at (`SET GLOBAL gtid_slave_pos`).
     let accounts = dump(&["--no-create-info", "--replace", "--skip-triggers", "mysql", "global_priv"])?;
-    load(node.port, &accounts)?;
+    load(node.port, Some("mysql"), &accounts)?;
     sql(node.port, "SET SESSION sql_log_bin = 0; FLUSH PRIVILEGES").map_err(anyhow::Error::msg)?;
     if !dbs.is_empty() {
         let mut args =
             vec!["--single-transaction", "--gtid", "--master-data=1", "--routines", "--events", "--databases"];
         args.extend(dbs.iter().copied());
         let data = dump(&args)?;
-        load(node.port, &data)?;
+        load(node.port, None, &data)?;
     }
-    sql(node.port, "RESET MASTER; SET GLOBAL gtid_binlog_state = @@gtid_slave_pos").map_err(anyhow::Error::msg)?;
     attach_replica(node.port, primary_port, "slave_pos", within)?;
     wait_caught_up(primary_port, node.port, within)
 }
 
-/// Feed `script` to the `mariadb` client on `port`, with the binary log off for the session.
-fn load(port: u16, script: &[u8]) -> Result<()> {
+/// Feed `script` to the `mariadb` client on `port` (in database `db`), with the binary log off
+/// for the session.
+fn load(port: u16, db: Option<&str>, script: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut child = Command::new("mariadb")
         .args(["--no-defaults", "--protocol=TCP", "-h127.0.0.1", &format!("-P{port}"), "-uroot"])
         .arg("--init-command=SET SESSION sql_log_bin = 0")
+        .args(db)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -502,7 +516,7 @@ impl GNode {
         if new_cluster {
             cmd.arg("--wsrep-new-cluster");
         }
-        self.child = Some(cmd.spawn().context("start a Galera node")?);
+        self.child = Some(die_with_parent(&mut cmd).spawn().context("start a Galera node")?);
         Ok(())
     }
 
