@@ -373,6 +373,11 @@ async fn probe(pool: &AnyPool, slot: &tokio::sync::Mutex<Option<sqlx::AnyConnect
                 let ro: i64 = sqlx::query("SELECT CAST(@@read_only AS SIGNED)").fetch_one(&mut *c).await?.try_get(0)?;
                 let role = if ro == 0 { "primary" } else { "replica" };
                 let mut detail = format!("read_only={ro}");
+                if ro == 0
+                    && let Some(semi) = semi_sync(c).await
+                {
+                    detail.push_str(&format!("; {semi}"));
+                }
                 let replica = match replica_state(c).await {
                     Ok(r) => r,
                     Err(e) => {
@@ -412,6 +417,24 @@ async fn probe(pool: &AnyPool, slot: &tokio::sync::Mutex<Option<sqlx::AnyConnect
         Ok(Err(e)) => down(e.to_string()),
         Err(_) => down("no answer within 1.5 s".into()),
     }
+}
+
+/// A primary's semi-synchronous replication state, if it is enabled: `semi_sync=ON`, or
+/// `semi_sync=OFF (...)` when it fell back to asynchronous (no replica acknowledged in time).
+async fn semi_sync(c: &mut sqlx::AnyConnection) -> Option<String> {
+    let rows =
+        sqlx::query("SHOW GLOBAL VARIABLES LIKE 'rpl_semi_sync_master_enabled'").fetch_all(&mut *c).await.ok()?;
+    let enabled: String = rows.first()?.try_get(1).ok()?;
+    if enabled != "ON" {
+        return None;
+    }
+    let rows = sqlx::query("SHOW GLOBAL STATUS LIKE 'Rpl_semi_sync_master_status'").fetch_all(&mut *c).await.ok()?;
+    let status: String = rows.first()?.try_get(1).ok()?;
+    Some(if status == "ON" {
+        "semi_sync=ON".to_string()
+    } else {
+        "semi_sync=OFF (enabled, but fell back to asynchronous: no replica acknowledged in time)".to_string()
+    })
 }
 
 /// This node's state as a replica (None when it replicates from nobody). MariaDB's

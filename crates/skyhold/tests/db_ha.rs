@@ -316,6 +316,8 @@ fn replication_semisync_primary_killed_under_load() {
     })
     .expect("semi-synchronous replication on");
     let s = Stack::start(&pair_props(primary.port, replica.port, ""), 2, 3);
+    let st = s.db_status();
+    assert!(st["endpoints"][0]["detail"].as_str().unwrap().contains("semi_sync=ON"), "{st}");
 
     let mut jobs = Vec::new();
     let mut primary = primary;
