@@ -42,11 +42,12 @@ pub enum Dialect {
 /// Storage errors. `is_retryable` tells the transaction helper whether rerunning may succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("Unable to get a connection from the database pool ({endpoint}): {source}")]
+    // The cause is part of the message (the seed's debugging string names it) and deliberately
+    // not a `#[source]`, so error chains do not print it twice.
+    #[error("Unable to get a connection from the database pool ({endpoint}): {cause}")]
     Connect {
         endpoint: String,
-        #[source]
-        source: sqlx::Error,
+        cause: sqlx::Error,
         /// Another endpoint may take over (several endpoints): worth retrying the transaction.
         failover: bool,
     },
@@ -75,6 +76,28 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// What an operator should check, for the errors that stop a server from starting.
+    pub fn hint(&self) -> Option<&'static str> {
+        let DbError::Connect { cause, .. } = self else { return None };
+        match cause {
+            sqlx::Error::Database(d) => match d.code().as_deref() {
+                Some("28000") => Some(
+                    "check the database user and password (db.cloud.username / db.cloud.password, or the --db URL) \
+                     and that the user may connect from this host",
+                ),
+                Some("42000") if d.message().contains("Unknown database") => {
+                    Some("check the database name (db.cloud.name, or the --db URL), or run `skyhold db init`")
+                }
+                _ => None,
+            },
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => Some(
+                "check that the database server runs and listens at that address (db.cloud.host / db.cloud.port, \
+                 or the --db URL), and that no firewall is in the way",
+            ),
+            _ => None,
+        }
+    }
+
     /// Transient conflicts that a rerun of the whole transaction may resolve.
     pub fn is_retryable(&self) -> bool {
         let src = match self {
@@ -82,7 +105,7 @@ impl DbError {
             DbError::Sql { source, .. } => source,
             // A lost or refused connection: the transaction may succeed on a retry (after the
             // connector failed over, or once the node is back). Bounded by TX_ATTEMPTS.
-            DbError::Connect { source, failover, .. } => {
+            DbError::Connect { cause: source, failover, .. } => {
                 return *failover
                     && matches!(source, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed);
             }
@@ -280,7 +303,7 @@ impl Db {
         };
         let opts = AnyConnectOptions::from_str(&url).map_err(|source| DbError::Connect {
             endpoint: endpoint.clone(),
-            source,
+            cause: source,
             failover: false,
         })?;
         let max = match dialect {
@@ -319,15 +342,16 @@ impl Db {
             sqlx::query("PRAGMA journal_mode = WAL")
                 .fetch_optional(&pool)
                 .await
-                .map_err(|source| DbError::Connect { endpoint: endpoint.clone(), source, failover: false })?;
+                .map_err(|source| DbError::Connect { endpoint: endpoint.clone(), cause: source, failover: false })?;
         } else if !several {
-            // Fail fast on a wrong URL or credentials (as before: the pool connected eagerly).
-            let c = pool.acquire().await.map_err(|source| DbError::Connect {
-                endpoint: endpoint.clone(),
-                source,
-                failover: false,
-            })?;
-            drop(c);
+            // Fail fast on a wrong URL, credentials or address, with the real cause (a pool would
+            // keep retrying the connect until its acquire timeout and only say "timed out").
+            use sqlx::ConnectOptions;
+            let c = tokio::time::timeout(Duration::from_secs(10), pool.connect_options().connect())
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+                .map_err(|source| DbError::Connect { endpoint: endpoint.clone(), cause: source, failover: false })?;
+            let _ = c.close().await;
         }
         Ok((pool, dialect, endpoint))
     }
@@ -346,7 +370,7 @@ impl Db {
         let server_url = &url[..slash];
         let mut conn = AnyConnection::connect(server_url).await.map_err(|source| DbError::Connect {
             endpoint: endpoint.to_string(),
-            source,
+            cause: source,
             failover: false,
         })?;
         sqlx::query(&format!("CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"))
@@ -394,7 +418,7 @@ impl Db {
             Ok(inner) => Ok(Conn { inner, dialect: self.dialect }),
             Err(source) => {
                 self.inner.suspect();
-                let e = DbError::Connect { endpoint: name, source, failover: self.inner.several() };
+                let e = DbError::Connect { endpoint: name, cause: source, failover: self.inner.several() };
                 tracing::warn!(error = %e, "database connection failed");
                 Err(e)
             }
@@ -408,7 +432,7 @@ impl Db {
             Ok(inner) => Ok(Tx { inner, dialect: self.dialect }),
             Err(source) => {
                 self.inner.suspect();
-                let e = DbError::Connect { endpoint: name, source, failover: self.inner.several() };
+                let e = DbError::Connect { endpoint: name, cause: source, failover: self.inner.several() };
                 tracing::warn!(error = %e, "database connection failed");
                 Err(e)
             }

@@ -93,11 +93,11 @@ impl Node {
             let names: Vec<String> = self.endpoints.iter().map(|u| skyhold_db::redact_url(u)).collect();
             return Db::connect_many(&self.endpoints, self.max_connections, create, policy)
                 .await
-                .with_context(|| format!("connect to the database endpoints {}", names.join(", ")));
+                .map_err(|e| with_hint(e, format!("connect to the database endpoints {}", names.join(", "))));
         }
         let db = Db::connect(&DbConfig { url: self.db_url.clone(), max_connections: self.max_connections, create })
             .await
-            .with_context(|| format!("connect to database {}", skyhold_db::redact_url(&self.db_url)))?;
+            .map_err(|e| with_hint(e, format!("connect to database {}", skyhold_db::redact_url(&self.db_url))))?;
         Ok(db)
     }
 
@@ -147,4 +147,12 @@ pub fn write_private(path: &Path, contents: &str) -> Result<()> {
     let mut f = opts.open(path).with_context(|| format!("write {}", path.display()))?;
     f.write_all(contents.as_bytes()).with_context(|| format!("write {}", path.display()))?;
     Ok(())
+}
+
+/// A database error for the operator: what failed, why, and what to check.
+fn with_hint(e: skyhold_db::DbError, what: String) -> anyhow::Error {
+    match e.hint() {
+        Some(h) => anyhow::anyhow!("{what}: {e}\n  hint: {h}"),
+        None => anyhow::Error::new(e).context(what),
+    }
 }

@@ -352,3 +352,76 @@ fn demo_runs_on_mariadb() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(demo.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     assert!(wait_for(Duration::from_secs(40), || demo.try_wait().ok().flatten()).is_some(), "demo stops");
 }
+
+/// Start-up refusals on MariaDB, each with its message and what to check: a wrong password, an
+/// unknown database, unreachable endpoints (one URL, or every endpoint of a db.properties), and a
+/// schema newer than the binary (server and `db migrate`).
+#[test]
+fn server_refuses_bad_database_settings() {
+    let Ok(base) = std::env::var("SKYHOLD_TEST_MYSQL_URL") else {
+        assert!(std::env::var_os("CI").is_none(), "SKYHOLD_TEST_MYSQL_URL must be set under CI");
+        return;
+    };
+    let base = base.trim_end_matches('/').to_string();
+    let name = format!("refuse_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let url = format!("{base}/{name}");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    run_ok(&["db", "init", "--data-dir", &d, "--db", &url]);
+    let server = |db_args: &[&str]| -> String {
+        let mut args = vec!["server", "--data-dir", &d, "--bind", "127.0.0.1"];
+        args.extend(["--api-port", "0", "--agent-port", "0", "--cluster-port", "0"]);
+        args.extend(db_args);
+        let out = run(&args);
+        assert!(!out.status.success(), "the server must refuse to start: {args:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    // mysql://user:pass@host:port
+    let (userpass, hostport) = base.trim_start_matches("mysql://").split_once('@').unwrap();
+    let user = userpass.split(':').next().unwrap();
+    let err = server(&["--db", &format!("mysql://{user}:wrong-password@{hostport}/{name}")]);
+    assert!(err.contains("Access denied") && err.contains("hint: check the database user and password"), "{err}");
+    assert_eq!(err.matches("Access denied").count(), 1, "the cause is said once: {err}");
+    let err = server(&["--db", &format!("{base}/{name}_missing")]);
+    assert!(err.contains("Unknown database") && err.contains("hint: check the database name"), "{err}");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let t0 = std::time::Instant::now();
+    let err = server(&["--db", &format!("mysql://{userpass}@127.0.0.1:{dead_port}/{name}")]);
+    assert!(err.contains("Connection refused") && err.contains("hint: check that the database server runs"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "refused at once, not after a pool timeout");
+    let props = dir.path().join("db.properties");
+    let (u, p) = userpass.split_once(':').unwrap();
+    std::fs::write(
+        &props,
+        format!(
+            "db.cloud.host=127.0.0.1:{dead_port}\ndb.cloud.slaves=127.0.0.1:{}\ndb.cloud.username={u}\n\
+             db.cloud.password={p}\ndb.cloud.name={name}\ndb.ha.enabled=true\ndb.ha.topology=replication\n",
+            dead_port.wrapping_add(1).max(1024)
+        ),
+    )
+    .unwrap();
+    let err = server(&["--db-properties", props.to_str().unwrap()]);
+    assert!(err.contains("no database endpoint is usable") && err.contains("check that the servers run"), "{err}");
+    // A schema written by a newer Skyhold.
+    let out = Command::new("mariadb")
+        .args(["--no-defaults", "--protocol=TCP", "-h", hostport.split(':').next().unwrap()])
+        .arg(format!("-P{}", hostport.split(':').nth(1).unwrap_or("3306")))
+        .arg(format!("-u{u}"))
+        .arg(format!("-p{p}"))
+        .arg("-e")
+        .arg(format!("INSERT INTO {name}.schema_version (version, name, applied_ms) VALUES (999, 'future', 0)"))
+        .output();
+    let Ok(out) = out else {
+        assert!(std::env::var_os("CI").is_none(), "the mariadb client must be installed under CI");
+        return;
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = server(&["--db", &url]);
+    assert!(err.contains("schema is version 999, newer than this binary") && err.contains("upgrade Skyhold"), "{err}");
+    let out = run(&["db", "migrate", "--data-dir", &d, "--db", &url]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("newer than this Skyhold binary"), "{err}");
+}
