@@ -28,9 +28,35 @@ pub enum LedgerKind {
     Stale,
     /// Refused: this agent does not serve the host; nothing was executed.
     UnknownHost,
+    /// Not a command: the agent fenced itself (no management server and no storage heartbeat for its
+    /// self-fence period) and stopped this VM. `state` is `Stopped`.
+    SelfFence,
+    /// Not a command: the host could not write its storage heartbeat for the storage timeout and
+    /// stopped this VM. `state` is `Stopped`.
+    StorageLost,
+    /// Not a command: the VM crashed (crash injection through the control directory). `state` is
+    /// `Stopped`.
+    Crash,
 }
 
-/// One ledger line.
+impl LedgerKind {
+    /// The name used on the wire and as the `op` of event entries ("self_fence", ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerKind::Exec => "exec",
+            LedgerKind::Replay => "replay",
+            LedgerKind::Stale => "stale",
+            LedgerKind::UnknownHost => "unknown_host",
+            LedgerKind::SelfFence => "self_fence",
+            LedgerKind::StorageLost => "storage_lost",
+            LedgerKind::Crash => "crash",
+        }
+    }
+}
+
+/// One ledger line: a command (executed, replayed or refused) or an event of the host that changed
+/// a VM without a command (`self_fence`, `storage_lost`, `crash`: `op` is the kind, `job` is empty,
+/// `step` 0, `generation` the host's newest, `outcome` "ok", `state` Stopped).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     /// Milliseconds since the Unix epoch.
@@ -39,13 +65,14 @@ pub struct LedgerEntry {
     /// Host guid.
     pub host: String,
     pub vm: String,
-    /// [`skyhold_proto::Command::name`]: "start", "stop", "reboot", "destroy", "check".
+    /// [`skyhold_proto::Command::name`] ("start", "stop", "reboot", "destroy", "check", "check_host",
+    /// "migrate_out", "migrate_done", "migrate_abort"), or the event's kind.
     pub op: String,
     pub job: String,
     pub step: u32,
     pub generation: u64,
     pub kind: LedgerKind,
-    /// The result's tag: "ok", "failed", "stale_generation" or "unknown_host".
+    /// The result's tag: "ok", "failed", "stale_generation", "unknown_host" or "host_check".
     pub outcome: String,
     /// Power state after the command, for "ok" outcomes.
     pub state: Option<PowerState>,
@@ -65,6 +92,18 @@ impl LedgerEntry {
             ),
             CommandResult::UnknownHost => {
                 ("unknown_host", None, Some(format!("host {} is not served by this agent", self.host)))
+            }
+            CommandResult::HostCheck { reachable, heartbeat, storage_ok } => {
+                let show = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+                (
+                    "host_check",
+                    None,
+                    Some(format!(
+                        "reachable={} heartbeat={} storage_ok={storage_ok}",
+                        show(reachable.map(|r| r.to_string())),
+                        show(heartbeat.map(|h| h.to_string())),
+                    )),
+                )
             }
         };
         self.outcome = outcome.to_owned();

@@ -82,9 +82,9 @@ impl AgentConfig {
 
 /// Fault injection: make commands `op` fail for VMs whose name contains `vm_name_contains`.
 ///
-/// `op` is one of `"start"`, `"stop"`, `"reboot"`, `"destroy"`, or `"*"` for any of those four.
-/// (`check` has no side effect and is never failed by a rule.) An empty `vm_name_contains` matches
-/// every VM.
+/// `op` is one of `"start"`, `"stop"`, `"reboot"`, `"destroy"`, `"migrate_out"`, `"migrate_done"`,
+/// `"migrate_abort"`, or `"*"` for any of those. (`check` and `check_host` have no side effect and
+/// are never failed by a rule.) An empty `vm_name_contains` matches every VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailRule {
     pub op: String,
@@ -92,27 +92,26 @@ pub struct FailRule {
 }
 
 /// Operations a [`FailRule`] may name.
-const FAIL_OPS: [&str; 5] = ["start", "stop", "reboot", "destroy", "*"];
+const FAIL_OPS: [&str; 8] = ["start", "stop", "reboot", "destroy", "migrate_out", "migrate_done", "migrate_abort", "*"];
+const FAIL_OPS_TEXT: &str = "start, stop, reboot, destroy, migrate_out, migrate_done, migrate_abort or *";
 
 impl FailRule {
     /// Parse the `op=substring` form, e.g. `start=db-` or `*=flaky`.
     pub fn parse(s: &str) -> Result<FailRule, AgentError> {
         let bad = |reason: String| AgentError::InvalidFailRule { rule: s.to_owned(), reason };
         let Some((op, substr)) = s.split_once('=') else {
-            return Err(bad(
-                "expected OP=SUBSTRING, e.g. start=db- (OP is start, stop, reboot, destroy or *)".to_owned()
-            ));
+            return Err(bad(format!("expected OP=SUBSTRING, e.g. start=db- (OP is {FAIL_OPS_TEXT})")));
         };
         let op = op.trim().to_ascii_lowercase();
         if !FAIL_OPS.contains(&op.as_str()) {
-            return Err(bad(format!("unknown operation {op:?}; expected one of start, stop, reboot, destroy, *")));
+            return Err(bad(format!("unknown operation {op:?}; expected one of {FAIL_OPS_TEXT}")));
         }
         Ok(FailRule { op, vm_name_contains: substr.to_owned() })
     }
 
     /// Whether this rule fails command `op` (a [`skyhold_proto::Command::name`]) on VM `vm_name`.
     pub fn matches(&self, op: &str, vm_name: &str) -> bool {
-        let op_matches = if self.op == "*" { op != "check" } else { self.op == op };
+        let op_matches = if self.op == "*" { op != "check" && op != "check_host" } else { self.op == op };
         op_matches && vm_name.contains(&self.vm_name_contains)
     }
 }
@@ -152,6 +151,11 @@ mod tests {
         let r = FailRule::parse("*=").unwrap();
         assert!(r.matches("destroy", "anything"));
         assert!(!r.matches("check", "anything"));
+        assert!(!r.matches("check_host", ""));
+        assert!(r.matches("migrate_out", "anything"));
+        let r = FailRule::parse("migrate_abort=web").unwrap();
+        assert!(r.matches("migrate_abort", "web-1"));
+        assert!(!r.matches("migrate_out", "web-1"));
     }
 
     #[test]

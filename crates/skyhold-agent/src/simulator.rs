@@ -3,6 +3,11 @@
 //! Nothing here touches a real hypervisor. The simulator enforces the host's CPU-core and memory
 //! capacity over its *running* VMs and can inject failures with [`FailRule`]s, so the management
 //! server's placement, retry and error paths can be exercised honestly.
+//!
+//! Live migration is three commands so that the ledger never shows a VM running on two hosts: on the
+//! source `migrate_out` pauses the VM (it no longer runs, but keeps its definition and its capacity),
+//! the MS starts it on the destination, then `migrate_done` forgets it on the source or
+//! `migrate_abort` resumes it there.
 
 use std::collections::BTreeMap;
 
@@ -13,12 +18,21 @@ use crate::FailRule;
 /// Hypervisor type reported by simulated hosts.
 pub const HYPERVISOR: &str = "Simulator";
 
+/// What a defined VM is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SimState {
+    Running,
+    /// Paused on the source of a live migration: not running, but its capacity stays reserved.
+    Migrating,
+    Stopped,
+}
+
 #[derive(Debug, Clone)]
 struct SimVm {
     name: String,
     cpu: u32,
     mem_mb: u64,
-    state: PowerState,
+    state: SimState,
 }
 
 /// One simulated host: its capacity and the VMs defined on it (vm_id -> name, cpu, memory, state).
@@ -67,18 +81,53 @@ impl Simulator {
         &self.name
     }
 
-    /// Power state of a VM defined on this host (`None` if the host does not know it).
+    /// Power state of a VM defined on this host (`None` if the host does not know it). A VM paused
+    /// for migration is `Stopped`.
     pub fn vm_state(&self, vm_id: &str) -> Option<PowerState> {
-        self.vms.get(vm_id).map(|v| v.state)
+        self.vms
+            .get(vm_id)
+            .map(|v| if v.state == SimState::Running { PowerState::Running } else { PowerState::Stopped })
     }
 
-    /// (cores, MiB) used by running VMs.
+    /// Whether the VM is paused on this host as the source of a live migration.
+    pub fn is_migrating(&self, vm_id: &str) -> bool {
+        self.vms.get(vm_id).is_some_and(|v| v.state == SimState::Migrating)
+    }
+
+    /// (cores, MiB) used by running VMs and VMs paused for migration.
     pub fn used(&self) -> (u64, u64) {
-        self.running().fold((0, 0), |(c, m), (_, vm)| (c + u64::from(vm.cpu), m + vm.mem_mb))
+        self.vms
+            .values()
+            .filter(|vm| vm.state != SimState::Stopped)
+            .fold((0, 0), |(c, m), vm| (c + u64::from(vm.cpu), m + vm.mem_mb))
     }
 
     fn running(&self) -> impl Iterator<Item = (&String, &SimVm)> {
-        self.vms.iter().filter(|(_, vm)| vm.state == PowerState::Running)
+        self.vms.iter().filter(|(_, vm)| vm.state == SimState::Running)
+    }
+
+    /// Stop every VM that runs or is paused for migration (the host lost its storage, or fenced
+    /// itself). Returns their ids; definitions are kept, as after a `stop`.
+    pub fn stop_all(&mut self) -> Vec<String> {
+        let mut stopped = Vec::new();
+        for (id, vm) in &mut self.vms {
+            if vm.state != SimState::Stopped {
+                vm.state = SimState::Stopped;
+                stopped.push(id.clone());
+            }
+        }
+        stopped
+    }
+
+    /// The running VM `vm_id` crashes (stops). `false` if it does not run here.
+    pub fn crash(&mut self, vm_id: &str) -> bool {
+        match self.vms.get_mut(vm_id) {
+            Some(vm) if vm.state == SimState::Running => {
+                vm.state = SimState::Stopped;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The VMs this host is running right now.
@@ -97,15 +146,18 @@ impl Simulator {
             mem_mb: self.mem_mb,
             hypervisor: HYPERVISOR.to_owned(),
             vms: self.vms(),
+            check_addr: None,
+            storage: None,
         }
     }
 
-    /// This host's part of a ping.
+    /// This host's part of a ping (without storage heartbeat: the agent fills that in).
     pub fn ping(&self) -> HostPing {
-        HostPing { guid: self.guid.clone(), vms: self.vms() }
+        HostPing { guid: self.guid.clone(), vms: self.vms(), heartbeat: None, storage_ok: true, fenced: false }
     }
 
     /// Execute one command. Never panics; every refusal is a [`CommandResult::Failed`].
+    /// ([`Command::CheckHost`] is not a hypervisor command: the agent answers it, see `Agent::handle`.)
     pub fn execute(&mut self, cmd: &Command) -> CommandResult {
         let op = cmd.name();
         let vm_id = cmd.vm_id();
@@ -120,7 +172,7 @@ impl Simulator {
             Command::StartVm { vm_id, name, cpu, mem_mb } => self.start(vm_id, name, *cpu, *mem_mb),
             Command::StopVm { vm_id, force: _ } => {
                 if let Some(vm) = self.vms.get_mut(vm_id) {
-                    vm.state = PowerState::Stopped;
+                    vm.state = SimState::Stopped;
                 }
                 ok(PowerState::Stopped)
             }
@@ -133,12 +185,40 @@ impl Simulator {
                 ok(PowerState::Stopped)
             }
             Command::CheckVm { vm_id } => ok(self.vm_state(vm_id).unwrap_or(PowerState::Stopped)),
+            Command::CheckHost { .. } => failed(format!("{op} is not a hypervisor command")),
+            Command::MigrateOut { vm_id } => match self.vms.get_mut(vm_id) {
+                Some(vm) if vm.state != SimState::Stopped => {
+                    vm.state = SimState::Migrating;
+                    ok(PowerState::Stopped)
+                }
+                _ => failed(format!("vm {vm_id} is not running on host {}", self.name)),
+            },
+            Command::MigrateDone { vm_id } => match self.vms.get(vm_id) {
+                Some(vm) if vm.state == SimState::Running => {
+                    failed(format!("vm {vm_id} is running on host {}, not paused for migration", self.name))
+                }
+                _ => {
+                    self.vms.remove(vm_id);
+                    ok(PowerState::Stopped)
+                }
+            },
+            Command::MigrateAbort { vm_id } => match self.vms.get_mut(vm_id) {
+                Some(vm) if vm.state != SimState::Stopped => {
+                    vm.state = SimState::Running;
+                    ok(PowerState::Running)
+                }
+                _ => failed(format!("vm {vm_id} is not paused for migration on host {}", self.name)),
+            },
         }
     }
 
     fn start(&mut self, vm_id: &str, name: &str, cpu: u32, mem_mb: u64) -> CommandResult {
-        if self.vm_state(vm_id) == Some(PowerState::Running) {
-            return ok(PowerState::Running);
+        match self.vms.get(vm_id).map(|vm| vm.state) {
+            Some(SimState::Running) => return ok(PowerState::Running),
+            Some(SimState::Migrating) => {
+                return failed(format!("vm {vm_id} is paused for migration on host {}", self.name));
+            }
+            Some(SimState::Stopped) | None => {}
         }
         let (used_cpu, used_mem) = self.used();
         let free_cpu = u64::from(self.cpu_cores).saturating_sub(used_cpu);
@@ -150,7 +230,7 @@ impl Simulator {
                 self.name, self.cpu_cores, self.mem_mb
             ));
         }
-        self.vms.insert(vm_id.to_owned(), SimVm { name: name.to_owned(), cpu, mem_mb, state: PowerState::Running });
+        self.vms.insert(vm_id.to_owned(), SimVm { name: name.to_owned(), cpu, mem_mb, state: SimState::Running });
         ok(PowerState::Running)
     }
 }

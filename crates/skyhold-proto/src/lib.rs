@@ -34,6 +34,15 @@ pub struct HostReport {
     pub hypervisor: String,
     /// VMs the host is running right now (so the MS can reconcile after a reconnect).
     pub vms: Vec<VmReport>,
+    /// `host:port` that neighbours TCP-connect to when the MS asks them to check this host
+    /// ([`Command::CheckHost`]); stands for the host's management network. `None` from older agents.
+    #[serde(default)]
+    pub check_addr: Option<String>,
+    /// Identity of the primary storage the host mounts (the agent sends the canonical path of its
+    /// `--storage` directory, so hosts of one cluster report the same value). Informational; `None`
+    /// when the agent runs without shared storage.
+    #[serde(default)]
+    pub storage: Option<String>,
 }
 
 /// Power state of one VM as the hypervisor sees it.
@@ -54,6 +63,24 @@ pub struct VmReport {
 pub struct HostPing {
     pub guid: String,
     pub vms: Vec<VmReport>,
+    /// This host's storage heartbeat counter as last successfully written to the shared primary
+    /// storage; `None` if the last write failed (or the agent runs without shared storage).
+    #[serde(default)]
+    pub heartbeat: Option<u64>,
+    /// Whether the host's last storage heartbeat write succeeded (`true` without shared storage and
+    /// when absent on the wire).
+    #[serde(default = "default_true")]
+    pub storage_ok: bool,
+    /// The agent self-fenced (stopped every VM of its hosts) because it had neither a management
+    /// server nor its storage for its self-fence period. Reported from the fence on, through the whole
+    /// first connection registered after it, and cleared by the `Welcome` of a later connection once
+    /// a ping carrying it was answered with a `Pong`.
+    #[serde(default)]
+    pub fenced: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The MS's grant of one host to this connection, with the ownership generation to expect.
@@ -78,6 +105,23 @@ pub enum Command {
     DestroyVm { vm_id: String },
     /// Report what the host runs (no side effect).
     CheckVm { vm_id: String },
+    /// Investigate *another* host `guid` on behalf of the MS (a neighbour check; no VM, no side
+    /// effect): TCP-connect to its `check_addr` (if given, within 1 s) and read its storage heartbeat
+    /// through this host's own storage mount. Answered with [`CommandResult::HostCheck`].
+    CheckHost {
+        guid: String,
+        #[serde(default)]
+        check_addr: Option<String>,
+    },
+    /// Live migration, on the source: pause the VM for migration. It stops running here (answer
+    /// `Ok { state: Stopped }`) but the host keeps its definition and capacity until
+    /// [`Command::MigrateDone`] or [`Command::MigrateAbort`]. The MS then sends `StartVm` to the
+    /// destination, so a VM never runs on two hosts at once.
+    MigrateOut { vm_id: String },
+    /// Live migration finished: the source forgets the paused VM (answer `Ok { state: Stopped }`).
+    MigrateDone { vm_id: String },
+    /// Live migration abandoned: the source resumes the paused VM (answer `Ok { state: Running }`).
+    MigrateAbort { vm_id: String },
 }
 
 impl Command {
@@ -87,7 +131,11 @@ impl Command {
             | Command::StopVm { vm_id, .. }
             | Command::RebootVm { vm_id }
             | Command::DestroyVm { vm_id }
-            | Command::CheckVm { vm_id } => vm_id,
+            | Command::CheckVm { vm_id }
+            | Command::MigrateOut { vm_id }
+            | Command::MigrateDone { vm_id }
+            | Command::MigrateAbort { vm_id } => vm_id,
+            Command::CheckHost { .. } => "",
         }
     }
     /// Short name used in ledgers and logs ("start", "stop", ...).
@@ -98,6 +146,10 @@ impl Command {
             Command::RebootVm { .. } => "reboot",
             Command::DestroyVm { .. } => "destroy",
             Command::CheckVm { .. } => "check",
+            Command::CheckHost { .. } => "check_host",
+            Command::MigrateOut { .. } => "migrate_out",
+            Command::MigrateDone { .. } => "migrate_done",
+            Command::MigrateAbort { .. } => "migrate_abort",
         }
     }
 }
@@ -114,6 +166,17 @@ pub enum CommandResult {
     StaleGeneration { current: u64 },
     /// The agent does not serve that host.
     UnknownHost,
+    /// Answer to [`Command::CheckHost`].
+    HostCheck {
+        /// A TCP connect to the checked host's `check_addr` succeeded within 1 s (`None`: no address
+        /// was given).
+        reachable: Option<bool>,
+        /// The checked host's heartbeat counter as read from the shared storage (`None`: its file is
+        /// missing or unreadable). Meaningless when `storage_ok` is false.
+        heartbeat: Option<u64>,
+        /// Whether the *checking* host could read the shared storage at all.
+        storage_ok: bool,
+    },
 }
 
 /// Messages from an agent to a management server.
@@ -243,5 +306,44 @@ mod tests {
         let mut r = tokio::io::BufReader::new(&long[..]);
         let res: Result<MsMsg, _> = read_msg(&mut r, &mut buf).await;
         assert!(matches!(res, Err(ProtoError::LineTooLong)));
+    }
+
+    #[test]
+    fn new_fields_are_backward_compatible() {
+        // A ping and a host report from an agent that predates storage heartbeats.
+        let old_ping = r#"{"type":"ping","hosts":[{"guid":"g","vms":[{"vm_id":"v","state":"Running"}]}]}"#;
+        let AgentMsg::Ping { hosts } = serde_json::from_str(old_ping).unwrap() else { panic!("not a ping") };
+        assert_eq!((hosts[0].heartbeat, hosts[0].storage_ok, hosts[0].fenced), (None, true, false));
+        let old_report = r#"{"guid":"g","name":"n","ip":"1.2.3.4","cpu_cores":1,"cpu_mhz":1,"mem_mb":1,
+            "hypervisor":"Simulator","vms":[]}"#;
+        let r: HostReport = serde_json::from_str(old_report).unwrap();
+        assert_eq!((r.check_addr, r.storage), (None, None));
+        // A check without an address.
+        let c: Command = serde_json::from_str(r#"{"op":"check_host","guid":"g"}"#).unwrap();
+        assert_eq!(c, Command::CheckHost { guid: "g".into(), check_addr: None });
+        assert_eq!((c.vm_id(), c.name()), ("", "check_host"));
+    }
+
+    #[test]
+    fn new_commands_and_results_on_the_wire() {
+        let cmds = [
+            (Command::MigrateOut { vm_id: "v".into() }, "migrate_out"),
+            (Command::MigrateDone { vm_id: "v".into() }, "migrate_done"),
+            (Command::MigrateAbort { vm_id: "v".into() }, "migrate_abort"),
+        ];
+        for (cmd, name) in cmds {
+            let v = serde_json::to_value(&cmd).unwrap();
+            assert_eq!(v["op"], name);
+            assert_eq!(v["vm_id"], "v");
+            assert_eq!((cmd.name(), cmd.vm_id()), (name, "v"));
+            assert_eq!(serde_json::from_value::<Command>(v).unwrap(), cmd);
+        }
+        let r = CommandResult::HostCheck { reachable: Some(true), heartbeat: Some(7), storage_ok: true };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v, serde_json::json!({"outcome":"host_check","reachable":true,"heartbeat":7,"storage_ok":true}));
+        assert_eq!(serde_json::from_value::<CommandResult>(v).unwrap(), r);
+        let p = HostPing { guid: "g".into(), vms: vec![], heartbeat: Some(3), storage_ok: false, fenced: true };
+        let back: HostPing = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
     }
 }
