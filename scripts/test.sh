@@ -4,7 +4,7 @@
 #   scripts/test.sh [extra args for `cargo nextest run`]
 #
 # Steps:
-#   1. apt: mariadb-server, mariadb-client, galera-4, rsync (only if missing)
+#   1. apt: mariadb-server, mariadb-client, galera-4, rsync, ipmitool, openipmi (only if missing)
 #   2. Python client environments under .venv-ci/ (cs from PyPI, cloudmonkey 5.3.3.1 on Python 2.7)
 #   3. one throwaway MariaDB server on a random 127.0.0.1 port (stopped by PID on exit)
 #   4. cargo fmt --check, clippy -D warnings, build --bins, nextest run, doc tests (if any)
@@ -96,7 +96,8 @@ trap 'on_signal 143' TERM
 # ---------------------------------------------------------------------------------------------
 section "apt packages"
 # galera-4 and rsync: the 3-node Galera cluster of tests/db_ha.rs (rsync state transfer).
-APT_PACKAGES=(mariadb-server mariadb-client galera-4 rsync)
+# ipmitool and openipmi (ipmi_sim): IPMI fencing against a simulated BMC (skyhold-core tests/fence_ipmi.rs).
+APT_PACKAGES=(mariadb-server mariadb-client galera-4 rsync ipmitool openipmi)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]; then
@@ -117,7 +118,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
     info "already installed: ${APT_PACKAGES[*]}"
 fi
-for c in mariadbd mariadb mariadb-install-db; do
+for c in mariadbd mariadb mariadb-install-db ipmitool ipmi_sim; do
     command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || die "$c not found after install"
 done
 MARIADBD=$(command -v mariadbd || echo /usr/sbin/mariadbd)

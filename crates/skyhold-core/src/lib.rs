@@ -12,6 +12,7 @@ pub mod dbwatch;
 pub mod error;
 pub mod events;
 pub mod failpoint;
+pub mod fence;
 pub mod housekeeping;
 pub mod jobs;
 pub mod keys;

@@ -6,12 +6,18 @@
 //! - [`start_pair`]: a GTID primary/replica pair, with [`promote`] (the operator's failover) and
 //!   [`reattach_as_replica`] (the old primary follows the new one);
 //! - [`Galera::start`]: an N-node MariaDB Galera cluster (rsync state transfer), whose nodes
-//!   ([`GNode`]) can be killed, stopped (`SIGSTOP`), resumed and restarted.
+//!   ([`GNode`]) can be killed, stopped (`SIGSTOP`), resumed and restarted;
+//! - [`Bmc::start`] (module [`bmc`]): an IPMI BMC (`ipmi_sim`, spoken to with `ipmitool`) for one
+//!   simulated host, whose power-off kills the process standing for the host.
 //!
 //! Every process is killed (SIGKILL, by its own handle) and reaped when its owner is dropped, so a
 //! failing test or bench leaves nothing running. Needs `mariadbd`, `mariadb`,
 //! `mariadb-install-db` (and `mariadb-dump` to rebuild a replica); Galera also needs the
 //! `galera-4` provider and `rsync` (`scripts/test.sh` installs them).
+
+pub mod bmc;
+
+pub use bmc::{Bmc, have_ipmi};
 
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
