@@ -1,5 +1,7 @@
 //! The connection loop: connect out to a management server, register, ping, execute commands,
 //! and reconnect (to the next address, with jittered exponential backoff) whenever anything fails.
+//! Beside it, for the agent's whole life: the heartbeat loop (storage heartbeat, storage timeout,
+//! self-fence deadline, crash files) and the check listener.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, timeout};
 
+use crate::health::Contact;
 use crate::{Agent, AgentConfig, AgentError};
 
 /// Timeout of one TCP connect.
@@ -36,14 +39,38 @@ const OUTBOX: usize = 1024;
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
     let mut book = AddrBook::new(&cfg.mgmt_addrs)?;
     let agent = Arc::new(Agent::new(&cfg)?);
+    let check = tokio::net::TcpListener::bind(&cfg.check_listen)
+        .await
+        .map_err(|source| AgentError::CheckListen { addr: cfg.check_listen.clone(), source })?;
+    let check_addr =
+        check.local_addr().map_err(|source| AgentError::CheckListen { addr: cfg.check_listen.clone(), source })?;
+    agent.set_check_addr(check_addr);
     check_hello_fits(&agent, &cfg)?;
     tracing::info!(
         agent_id = %cfg.agent_id,
         hosts = cfg.hosts,
         mgmt_addrs = ?book.list,
         fail_rules = cfg.fail_rules.len(),
+        check_addr = %check_addr,
+        storage = ?cfg.storage,
+        heartbeat_interval_ms = cfg.heartbeat_interval_ms,
+        storage_timeout_ms = cfg.storage_timeout_ms,
+        self_fence_after_ms = cfg.self_fence_after_ms,
+        control_dir = ?cfg.control_dir,
         "simulator agent starting"
     );
+    // Aborted when this function returns.
+    let mut background = JoinSet::new();
+    background.spawn(crate::checknet::serve(check, cfg.control_dir.clone()));
+    if agent.needs_ticks() {
+        // The first heartbeat is written before the first Hello, so pings carry it from the start.
+        let first = Arc::clone(&agent);
+        let now = std::time::Instant::now();
+        if let Err(e) = tokio::task::spawn_blocking(move || first.heartbeat_tick(now)).await {
+            tracing::error!(error = %e, "first heartbeat tick failed");
+        }
+        background.spawn(heartbeat_loop(Arc::clone(&agent)));
+    }
 
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = Backoff::new();
@@ -78,8 +105,41 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()> + Send) ->
             () = tokio::time::sleep(delay) => {}
         }
     }
+    background.abort_all();
     tracing::info!(agent_id = %cfg.agent_id, "simulator agent stopped");
     Ok(())
+}
+
+/// Heartbeat ticks every interval; in between, wake exactly at the next deadline (storage timeout,
+/// self-fence), so a fence is never late by up to an interval.
+async fn heartbeat_loop(agent: Arc<Agent>) {
+    let interval = agent.heartbeat_interval();
+    let mut next_tick = Instant::now() + interval;
+    loop {
+        let deadline = agent.next_deadline().map(Instant::from_std);
+        let wake = deadline.map_or(next_tick, |d| d.min(next_tick));
+        tokio::time::sleep_until(wake).await;
+        let now = Instant::now();
+        let a = Arc::clone(&agent);
+        let is_tick = now >= next_tick;
+        let work = tokio::task::spawn_blocking(move || {
+            if is_tick {
+                a.heartbeat_tick(now.into_std());
+            } else {
+                a.check_deadlines(now.into_std());
+            }
+        });
+        if let Err(e) = work.await {
+            tracing::error!(error = %e, "heartbeat tick failed");
+        }
+        if is_tick {
+            next_tick += interval;
+            if next_tick <= Instant::now() {
+                // Writes took longer than an interval: skip the missed ticks.
+                next_tick = Instant::now() + interval;
+            }
+        }
+    }
 }
 
 /// Refuse configurations whose Hello alone would exceed the protocol's line limit.
@@ -125,6 +185,8 @@ async fn session(
     book: &mut AddrBook,
     backoff: &mut Backoff,
 ) -> SessionEnd {
+    // A self-fence that is due happens before anything of a new connection.
+    agent.check_deadlines(std::time::Instant::now());
     let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return SessionEnd::ConnectFailed(e.to_string()),
@@ -159,6 +221,7 @@ async fn session(
         }
     };
     backoff.reset();
+    agent.ms_contact(std::time::Instant::now(), Contact::Welcome);
     agent.apply_grants(&grants);
     book.replace(&mgmt_addrs);
     let interval = Duration::from_millis(ping_ms).max(MIN_PING_INTERVAL);
@@ -246,7 +309,10 @@ fn on_message(
             });
             None
         }
-        MsMsg::Pong => None,
+        MsMsg::Pong => {
+            agent.ms_contact(std::time::Instant::now(), Contact::Pong);
+            None
+        }
         MsMsg::MgmtList { addrs } => {
             book.replace(&addrs);
             tracing::info!(mgmt_addrs = ?book.list, "management server list updated");

@@ -13,22 +13,48 @@
 //! - [`ledger_read`] / [`LedgerEntry`]: the append-only JSON-lines ledger, written and flushed before
 //!   an answer is sent, so it is the ground truth of what the agent did.
 //!
+//! Host health (for the management servers' host HA), all optional:
+//! - `storage`: the shared primary storage mount. Every `heartbeat_interval_ms` each host writes its
+//!   counter to `STORAGE/heartbeat/<guid>`; a host that cannot write for `storage_timeout_ms` stops
+//!   its VMs (ledger `storage_lost`) and refuses starts until a write succeeds again.
+//! - self-fencing (`health`): no management server *and* no storage write for `self_fence_after_ms`
+//!   stops every VM (ledger `self_fence`), as a watchdog would.
+//! - `check_listen`: the listener neighbours connect to in `CheckHost` (`checknet`).
+//! - `control_dir`: test controls: `isolate` closes the check listener, `crash/<vm_id>` crashes a VM.
+//!
 //! **Architecture Invariant:** this crate talks to the MS only through `skyhold-proto`; it knows no
 //! SQL and no HTTP.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod agent;
+mod checknet;
 mod conn;
+mod health;
 mod ledger;
 mod simulator;
+mod storage;
 
 use std::path::PathBuf;
 
 pub use agent::Agent;
+pub use checknet::{CHECK_CONNECT_TIMEOUT, ISOLATE_FILE};
 pub use conn::run;
 pub use ledger::{LedgerEntry, LedgerKind, ledger_read};
 pub use simulator::Simulator;
+pub use storage::HEARTBEAT_DIR;
+
+/// Default of [`AgentConfig::heartbeat_interval_ms`].
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 1000;
+/// Default of [`AgentConfig::storage_timeout_ms`].
+pub const DEFAULT_STORAGE_TIMEOUT_MS: u64 = 10_000;
+/// Default of [`AgentConfig::self_fence_after_ms`]. A management server must not declare a host dead
+/// on lease expiry (and restart its VMs elsewhere) sooner than this plus a margin.
+pub const DEFAULT_SELF_FENCE_AFTER_MS: u64 = 10_000;
+/// Default of [`AgentConfig::check_listen`].
+pub const DEFAULT_CHECK_LISTEN: &str = "127.0.0.1:0";
+/// Subdirectory of the control directory whose files `<vm_id>` crash that VM.
+pub const CRASH_DIR: &str = "crash";
 
 /// Configuration of one agent process (built by the `skyhold` binary from its command line).
 #[derive(Clone)]
@@ -54,6 +80,43 @@ pub struct AgentConfig {
     /// Simulated hypervisor latency: each command waits this long before it executes (benchmarks
     /// and chaos tests use it to keep jobs in flight).
     pub command_delay_ms: u64,
+    /// The hosts' mount of their cluster's shared primary storage (a directory, or a symlink to one).
+    /// `None`: no storage heartbeat, no storage-loss stop, no self-fencing.
+    pub storage: Option<PathBuf>,
+    /// Period of the storage heartbeat writes (and of crash-file checks).
+    pub heartbeat_interval_ms: u64,
+    /// A host that could not write its heartbeat for this long stops its VMs.
+    pub storage_timeout_ms: u64,
+    /// No management server and no storage write for this long: the agent stops every VM.
+    pub self_fence_after_ms: u64,
+    /// Address of the check listener neighbours connect to (`host:port`; port 0 picks one).
+    pub check_listen: String,
+    /// Test controls: `DIR/isolate` closes the check listener, `DIR/crash/<vm_id>` crashes a VM.
+    pub control_dir: Option<PathBuf>,
+}
+
+impl Default for AgentConfig {
+    /// The `skyhold agent` defaults, with no management server address and an empty token.
+    fn default() -> AgentConfig {
+        AgentConfig {
+            mgmt_addrs: Vec::new(),
+            token: String::new(),
+            agent_id: "agent".to_owned(),
+            hosts: 1,
+            host_cpu_cores: 32,
+            host_cpu_mhz: 2000,
+            host_mem_mb: 131_072,
+            ledger_path: None,
+            fail_rules: Vec::new(),
+            command_delay_ms: 0,
+            storage: None,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            storage_timeout_ms: DEFAULT_STORAGE_TIMEOUT_MS,
+            self_fence_after_ms: DEFAULT_SELF_FENCE_AFTER_MS,
+            check_listen: DEFAULT_CHECK_LISTEN.to_owned(),
+            control_dir: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -69,6 +132,12 @@ impl std::fmt::Debug for AgentConfig {
             .field("ledger_path", &self.ledger_path)
             .field("fail_rules", &self.fail_rules)
             .field("command_delay_ms", &self.command_delay_ms)
+            .field("storage", &self.storage)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("storage_timeout_ms", &self.storage_timeout_ms)
+            .field("self_fence_after_ms", &self.self_fence_after_ms)
+            .field("check_listen", &self.check_listen)
+            .field("control_dir", &self.control_dir)
             .finish()
     }
 }
@@ -134,6 +203,8 @@ pub enum AgentError {
     LedgerIo { path: PathBuf, source: std::io::Error },
     #[error("ledger {} line {line}: {source}", path.display())]
     LedgerParse { path: PathBuf, line: usize, source: serde_json::Error },
+    #[error("cannot listen for neighbour checks on {addr}: {source}")]
+    CheckListen { addr: String, source: std::io::Error },
 }
 
 #[cfg(test)]
@@ -185,13 +256,7 @@ mod tests {
             mgmt_addrs: vec!["ms:8250".into()],
             token: "s3cret".into(),
             agent_id: "a".into(),
-            hosts: 1,
-            host_cpu_cores: 1,
-            host_cpu_mhz: 1,
-            host_mem_mb: 1,
-            ledger_path: None,
-            fail_rules: vec![],
-            command_delay_ms: 0,
+            ..AgentConfig::default()
         };
         assert!(!format!("{cfg:?}").contains("s3cret"));
         assert_eq!(cfg.host_guid(3), "a-h3");

@@ -28,8 +28,7 @@ fn config(addrs: Vec<String>, ledger: Option<PathBuf>) -> AgentConfig {
         host_cpu_mhz: 2000,
         host_mem_mb: 8192,
         ledger_path: ledger,
-        fail_rules: vec![],
-        command_delay_ms: 0,
+        ..AgentConfig::default()
     }
 }
 

@@ -32,6 +32,12 @@ pub async fn run(a: AgentArgs) -> Result<u8> {
         ledger_path: a.ledger.clone(),
         fail_rules,
         command_delay_ms: a.command_delay_ms,
+        storage: a.storage.clone(),
+        heartbeat_interval_ms: a.heartbeat_interval_ms,
+        storage_timeout_ms: a.storage_timeout_ms,
+        self_fence_after_ms: a.self_fence_after_ms,
+        check_listen: a.check_listen.clone(),
+        control_dir: a.control_dir.clone(),
     };
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -214,7 +214,8 @@ pub struct AgentArgs {
     /// Append every executed command to this JSON-lines ledger.
     #[arg(long, env = "SKYHOLD_LEDGER")]
     pub ledger: Option<PathBuf>,
-    /// Fault injection: OP=SUBSTRING fails OP (start, stop, reboot, destroy, *) of VMs whose name contains SUBSTRING.
+    /// Fault injection: OP=SUBSTRING fails OP (start, stop, reboot, destroy, migrate_out, migrate_done,
+    /// migrate_abort, *) of VMs whose name contains SUBSTRING.
     #[arg(long = "fail")]
     pub fail: Vec<String>,
     /// CPU cores per simulated host.
@@ -229,6 +230,31 @@ pub struct AgentArgs {
     /// Simulated hypervisor latency: each command waits this long before executing.
     #[arg(long, default_value_t = 0)]
     pub command_delay_ms: u64,
+    /// The hosts' mount of their cluster's shared primary storage (a directory; every agent of the
+    /// cluster points at the same one). Enables the storage heartbeat (DIR/heartbeat/<host guid>),
+    /// stopping VMs on storage loss, and self-fencing.
+    #[arg(long, env = "SKYHOLD_AGENT_STORAGE")]
+    pub storage: Option<PathBuf>,
+    /// Period of the storage heartbeat writes (and of crash-file checks), in ms.
+    #[arg(long, default_value_t = skyhold_agent::DEFAULT_HEARTBEAT_INTERVAL_MS)]
+    pub heartbeat_interval_ms: u64,
+    /// A host that cannot write its storage heartbeat for this long (ms) stops its VMs and refuses
+    /// starts until a write succeeds again.
+    #[arg(long, default_value_t = skyhold_agent::DEFAULT_STORAGE_TIMEOUT_MS)]
+    pub storage_timeout_ms: u64,
+    /// With --storage: no management server and no storage heartbeat write for this long (ms) and the
+    /// agent stops every VM of its hosts (a watchdog's reset). Management servers wait longer than
+    /// this before restarting a silent host's VMs elsewhere.
+    #[arg(long, default_value_t = skyhold_agent::DEFAULT_SELF_FENCE_AFTER_MS)]
+    pub self_fence_after_ms: u64,
+    /// Listener standing for the hosts' management network: neighbours TCP-connect to it to check
+    /// this host (use 0.0.0.0:PORT across machines; port 0 picks a free one).
+    #[arg(long, default_value = skyhold_agent::DEFAULT_CHECK_LISTEN)]
+    pub check_listen: String,
+    /// Test controls: while DIR/isolate exists the check listener is closed (host unreachable from
+    /// its neighbours); a file DIR/crash/<vm id> crashes that VM at the next heartbeat tick.
+    #[arg(long)]
+    pub control_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
