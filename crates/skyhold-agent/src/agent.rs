@@ -27,8 +27,8 @@ use crate::{AgentConfig, AgentError, CRASH_DIR, Simulator};
 
 /// Answer to a start while the host's storage is lost.
 pub const STORAGE_UNAVAILABLE: &str = "primary storage unavailable";
-/// Answer to a start between a self-fence and the next `Welcome` (a command that was in flight on
-/// the connection the agent gave up on).
+/// Answer to a start between a self-fence and the next contact with a management server (a command
+/// that was in flight when the agent gave up).
 pub const SELF_FENCED: &str = "host self-fenced: no management server and no storage heartbeat";
 
 /// How many `(job_id, step)` results the agent remembers for replay.
@@ -118,7 +118,7 @@ pub struct Agent {
     storage_timeout: Duration,
     /// The self-fence clock.
     watch: Mutex<Watch>,
-    /// From the start of a self-fence until the next `Welcome`: starts are refused.
+    /// From the start of a self-fence until the next `Welcome` or `Pong`: starts are refused.
     fence_hold: AtomicBool,
     /// The check listener's address, once bound.
     check_addr: Mutex<Option<SocketAddr>>,
@@ -293,9 +293,8 @@ impl Agent {
         let mut watch = lock(&self.watch);
         self.fence_if_due(&mut watch, now);
         watch.contact(now, what);
-        if what == Contact::Welcome {
-            self.fence_hold.store(false, Ordering::SeqCst);
-        }
+        // A management server is there again: what it sends now is meant.
+        self.fence_hold.store(false, Ordering::SeqCst);
     }
 
     /// One heartbeat tick at `now`: write every host's storage heartbeat, then apply the storage
@@ -945,7 +944,10 @@ mod tests {
         // A start that was in flight on the abandoned connection is refused.
         assert_eq!(a.handle("ag-h0", 0, "j", 5, &start("v1")), failed(SELF_FENCED));
         assert_eq!(a.handle("ag-h1", 0, "j", 6, &Command::MigrateAbort { vm_id: "v3".into() }), failed(SELF_FENCED));
-        // Reconnected: starts work again; the flag is reported on this connection.
+        // A Pong on the old connection: the server is back, starts are meant again.
+        a.ms_contact(t0 + MS(2900), Contact::Pong);
+        assert_eq!(a.handle("ag-h1", 0, "j", 8, &start("v2")), RUNNING);
+        // Reconnected: starts work; the flag is reported on this connection.
         a.ms_contact(t0 + MS(3000), Contact::Welcome);
         assert!(a.pings()[0].fenced);
         assert_eq!(a.handle("ag-h0", 0, "j", 7, &start("v1")), RUNNING);

@@ -37,7 +37,7 @@ mod storage;
 
 use std::path::PathBuf;
 
-pub use agent::Agent;
+pub use agent::{Agent, SELF_FENCED, STORAGE_UNAVAILABLE};
 pub use checknet::{CHECK_CONNECT_TIMEOUT, ISOLATE_FILE};
 pub use conn::run;
 pub use ledger::{LedgerEntry, LedgerKind, ledger_read};

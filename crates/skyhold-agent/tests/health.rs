@@ -392,6 +392,7 @@ async fn storage_cut_stops_vms_refuses_starts_and_recovers() {
     let p = ms.ping_where("ag1-h0", |_| true).await;
     assert!(p.vms.is_empty(), "{p:?}");
     let refused = CommandResult::Failed { message: "primary storage unavailable".into() };
+    assert_eq!(skyhold_agent::STORAGE_UNAVAILABLE, "primary storage unavailable");
     assert_eq!(ms.command("ag1-h0", start("vm-1")).await, refused);
     assert_eq!(ms.command("ag1-h1", start("vm-4")).await, refused);
 
