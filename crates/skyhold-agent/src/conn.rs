@@ -38,6 +38,7 @@ const OUTBOX: usize = 1024;
 /// connection problems are logged and retried forever.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
     let mut book = AddrBook::new(&cfg.mgmt_addrs)?;
+    book.fixed = cfg.static_mgmt;
     let agent = Arc::new(Agent::new(&cfg)?);
     let check = tokio::net::TcpListener::bind(&cfg.check_listen)
         .await
@@ -368,6 +369,8 @@ async fn pinger(agent: Arc<Agent>, tx: mpsc::Sender<AgentMsg>, interval: Duratio
 struct AddrBook {
     configured: Vec<String>,
     list: Vec<String>,
+    /// Keep the configured list whatever the servers push.
+    fixed: bool,
 }
 
 impl AddrBook {
@@ -376,11 +379,14 @@ impl AddrBook {
         if configured.is_empty() {
             return Err(AgentError::Config("no management server address configured".into()));
         }
-        Ok(AddrBook { list: configured.clone(), configured })
+        Ok(AddrBook { list: configured.clone(), configured, fixed: false })
     }
 
     /// The list becomes `received` followed by the configured addresses it lacks.
     fn replace(&mut self, received: &[String]) {
+        if self.fixed {
+            return;
+        }
         self.list = dedup(received.iter().chain(self.configured.iter()));
     }
 

@@ -93,6 +93,9 @@ pub struct AgentConfig {
     pub check_listen: String,
     /// Test controls: `DIR/isolate` closes the check listener, `DIR/crash/<vm_id>` crashes a VM.
     pub control_dir: Option<PathBuf>,
+    /// Use only `mgmt_addrs`, ignoring the address lists management servers push (an agent that
+    /// must reach them through a load balancer's virtual address, or a fixed path).
+    pub static_mgmt: bool,
 }
 
 impl Default for AgentConfig {
@@ -115,6 +118,7 @@ impl Default for AgentConfig {
             self_fence_after_ms: DEFAULT_SELF_FENCE_AFTER_MS,
             check_listen: DEFAULT_CHECK_LISTEN.to_owned(),
             control_dir: None,
+            static_mgmt: false,
         }
     }
 }

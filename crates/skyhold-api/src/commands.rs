@@ -77,6 +77,38 @@ pub const COMMANDS: &[CommandSpec] = &[
     ),
     spec!("updateHost", false, true, "host", "Updates a host", "id:uuid!,allocationstate:string,hosttags:string"),
     spec!(
+        "listAlerts",
+        false,
+        true,
+        "alert",
+        "Lists all alerts",
+        "id:uuid,type:integer,name:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "configureOutOfBandManagement",
+        false,
+        true,
+        "outofbandmanagement",
+        "Configures a host's out-of-band management interface",
+        "hostid:uuid!,driver:string!,address:string!,port:integer,username:string!,password:string!"
+    ),
+    spec!(
+        "enableOutOfBandManagementForHost",
+        false,
+        true,
+        "outofbandmanagement",
+        "Enables out-of-band management for a host",
+        "hostid:uuid!"
+    ),
+    spec!(
+        "disableOutOfBandManagementForHost",
+        false,
+        true,
+        "outofbandmanagement",
+        "Disables out-of-band management for a host",
+        "hostid:uuid!"
+    ),
+    spec!(
         "listServiceOfferings",
         false,
         false,
@@ -260,7 +292,6 @@ pub const EMPTY_LISTS: &[&str] = &[
     "listSecondaryStagingStores",
     "listSystemVms",
     "listRouters",
-    "listAlerts",
     "listOsTypes",
     "listOsCategories",
     "listInstanceGroups",

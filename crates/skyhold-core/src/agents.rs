@@ -12,7 +12,7 @@
 use crate::Core;
 use sha2_lite::sha256_hex;
 use skyhold_db::infra::{HostConnect, host_disconnect, host_ping, host_take_connection};
-use skyhold_proto::{AgentMsg, Command, CommandResult, HostGrant, MsMsg, read_msg, write_msg};
+use skyhold_proto::{AgentMsg, Command, CommandResult, HostGrant, MsMsg, PowerState, read_msg, write_msg};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -211,6 +211,63 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Send a command to a host wherever its agent is connected: here, or through the peer
+    /// holding it (peer channel). `Ok(None)` when nobody holds the host right now.
+    pub async fn agent_send_anywhere(
+        &self,
+        host_id: &str,
+        job_id: &str,
+        step: u32,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<Option<CommandResult>, SendError> {
+        match self.agent_send(host_id, job_id, step, cmd.clone(), timeout).await {
+            Err(SendError::NotConnected(_)) => self.agent_forward(host_id, job_id, step, &cmd, timeout).await,
+            other => other.map(Some),
+        }
+    }
+
+    /// The host is connected to another server: ask that server (peer channel) to send it.
+    /// `Ok(None)` when nobody holds the host right now (its agent is reconnecting).
+    pub async fn agent_forward(
+        &self,
+        host_id: &str,
+        job_id: &str,
+        step: u32,
+        cmd: &Command,
+        left: Duration,
+    ) -> Result<Option<CommandResult>, SendError> {
+        if self.is_fenced() {
+            return Err(SendError::Fenced);
+        }
+        let owner = async {
+            let mut c = self.db().conn().await?;
+            skyhold_db::infra::host_fetch(&mut c, host_id).await
+        }
+        .await
+        .ok()
+        .flatten()
+        .and_then(|h| h.mgmt_server_id);
+        let Some(owner) = owner.filter(|o| o != &self.ms().id) else { return Ok(None) };
+        let Some(peer) = self.peers().into_iter().find(|p| p.id == owner) else { return Ok(None) };
+        let req = crate::peer::PeerReq::Forward {
+            host_id: host_id.to_string(),
+            job_id: job_id.to_string(),
+            step,
+            cmd: cmd.clone(),
+            timeout_ms: left.as_millis() as u64,
+        };
+        match crate::peer::call(self, &peer.id, &peer.peer_addr, req, left + Duration::from_secs(1)).await {
+            Ok(crate::peer::PeerResp::Result { result }) => {
+                tracing::info!(job = %job_id, host = %host_id, peer = %peer.id, step, "forwarded agent command through the peer holding the host");
+                Ok(Some(result))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 /// Accept agent connections until the process ends.
 pub async fn serve(core: Core, listener: TcpListener) {
     crate::accept_loop(core, listener, "agent", handle).await
@@ -292,6 +349,7 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
             mem_mb: h.mem_mb as i64,
             agent_id: agent_id.clone(),
             version: version.clone(),
+            check_addr: h.check_addr.clone().unwrap_or_default(),
             zone_id: cluster.zone_id.clone(),
             pod_id: cluster.pod_id.clone(),
             cluster_id: cluster.id.clone(),
@@ -338,6 +396,8 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
     });
 
     let silence = Duration::from_millis(ping_ms * 3 + 2000);
+    // Per host: the VMs it reported running in its last ping on this connection.
+    let mut reported: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
     let res: Result<(), ConnError> = async {
         loop {
             let msg: AgentMsg = tokio::select! {
@@ -354,13 +414,48 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
                 AgentMsg::Ping { hosts } => {
                     let mut c = core.db().conn().await?;
                     for hp in &hosts {
-                        if let Some((hid, generation)) = by_guid.get(&hp.guid)
-                            && !host_ping(&mut c, hid, &ms_id, *generation).await?
-                            && conn_owns(&core, hid, &conn)
-                        {
-                            // Another server took the host over: stop speaking for it.
-                            tracing::info!(host = %hid, "host taken over by another server; dropping it here");
-                            core.agents().remove_if(hid, &conn);
+                        let Some((hid, generation)) = by_guid.get(&hp.guid) else { continue };
+                        if !host_ping(&mut c, hid, &ms_id, *generation).await? {
+                            if conn_owns(&core, hid, &conn) {
+                                // Another server took the host over: stop speaking for it.
+                                tracing::info!(host = %hid, "host taken over by another server; dropping it here");
+                                core.agents().remove_if(hid, &conn);
+                            }
+                            continue;
+                        }
+                        if let Some(hb) = hp.heartbeat {
+                            skyhold_db::hostha::host_hb_observe(&mut c, hid, hb.min(i64::MAX as u64) as i64).await?;
+                        }
+                        // VMs that stopped without a command: running in the last report and
+                        // gone from this one, or (first report of this connection: the agent may
+                        // have restarted) running on this host in the database but not reported.
+                        let now_running: std::collections::HashSet<String> = hp
+                            .vms
+                            .iter()
+                            .filter(|v| v.state == PowerState::Running)
+                            .map(|v| v.vm_id.clone())
+                            .collect();
+                        let gone: Vec<String> = match reported.get(hid) {
+                            Some(prev) => prev.difference(&now_running).cloned().collect(),
+                            None => {
+                                let f = skyhold_db::vm::VmFilter {
+                                    host_id: Some(hid.clone()),
+                                    state: Some("Running".into()),
+                                    ..Default::default()
+                                };
+                                let page = skyhold_db::Page { page: 1, size: 100_000 };
+                                let (vms, _) = skyhold_db::vm::vm_list(&mut c, &f, page).await?;
+                                vms.into_iter().map(|v| v.id).filter(|id| !now_running.contains(id)).collect()
+                            }
+                        };
+                        reported.insert(hid.clone(), now_running);
+                        for vid in gone {
+                            let (core, hid) = (core.clone(), hid.clone());
+                            tokio::spawn(async move {
+                                if let Err(e) = crate::ha::vm_stopped_on_host(&core, &hid, &vid).await {
+                                    tracing::warn!(vm = %vid, error = %e, "could not handle a VM reported stopped");
+                                }
+                            });
                         }
                     }
                     let _ = conn.tx.send(MsMsg::Pong).await;

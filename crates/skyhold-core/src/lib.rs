@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod failpoint;
 pub mod fence;
+pub mod ha;
 pub mod housekeeping;
 pub mod jobs;
 pub mod keys;

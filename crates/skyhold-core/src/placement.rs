@@ -33,6 +33,10 @@ pub struct Request<'a> {
     pub preferred_host: Option<&'a str>,
     /// Hosts carrying this tag are kept for HA restarts (`ha.tag`).
     pub avoid_tag: Option<&'a str>,
+    /// Only hosts carrying this tag (HA restarts when `ha.tag` is set).
+    pub require_tag: Option<&'a str>,
+    /// Only hosts of this cluster (HA restarts stay in the failed host's cluster).
+    pub cluster_id: Option<&'a str>,
     /// Hosts already tried and refused in this placement.
     pub exclude: &'a [String],
 }
@@ -51,8 +55,12 @@ pub enum NoHost {
 /// Pick a host: the required one, else the preferred one if it fits, else the eligible host with
 /// the most free memory (spreading load), ties broken by id for determinism.
 pub fn choose_host<'h>(hosts: &'h [HostCap], req: &Request<'_>) -> Result<&'h HostCap, NoHost> {
-    let usable =
-        |h: &&HostCap| h.up && h.enabled && h.zone_id == req.zone_id && !req.exclude.iter().any(|x| x == &h.id);
+    let usable = |h: &&HostCap| {
+        h.up && h.enabled
+            && h.zone_id == req.zone_id
+            && req.cluster_id.is_none_or(|c| h.cluster_id == c)
+            && !req.exclude.iter().any(|x| x == &h.id)
+    };
     if let Some(rid) = req.required_host {
         let h = hosts.iter().find(|h| h.id == rid).filter(usable).ok_or(NoHost::RequiredHostUnusable)?;
         return if h.fits(req.cpu, req.mem_mb) { Ok(h) } else { Err(NoHost::RequiredHostFull) };
@@ -61,6 +69,7 @@ pub fn choose_host<'h>(hosts: &'h [HostCap], req: &Request<'_>) -> Result<&'h Ho
         usable(h)
             && h.fits(req.cpu, req.mem_mb)
             && !req.avoid_tag.is_some_and(|t| !t.is_empty() && h.tags.iter().any(|x| x == t))
+            && req.require_tag.is_none_or(|t| t.is_empty() || h.tags.iter().any(|x| x == t))
     };
     if let Some(pid) = req.preferred_host
         && let Some(h) = hosts.iter().filter(eligible).find(|h| h.id == pid)
@@ -105,8 +114,36 @@ mod tests {
             required_host: None,
             preferred_host: None,
             avoid_tag: None,
+            require_tag: None,
+            cluster_id: None,
             exclude: &[],
         }
+    }
+
+    #[test]
+    fn ha_restarts_stay_in_the_cluster_and_use_ha_hosts() {
+        let mut a = h("a", "z1", 0, 0);
+        let mut b = h("b", "z1", 0, 4096);
+        b.cluster_id = "c2".into();
+        let mut t = h("t", "z1", 0, 2048);
+        t.tags = vec!["ha".into()];
+        let hosts = vec![a.clone(), b.clone(), t.clone()];
+        // Ordinary deployments avoid the HA host.
+        let r = Request { avoid_tag: Some("ha"), ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "a");
+        // HA restarts: only the cluster, and only ha-tagged hosts when ha.tag is set.
+        let r = Request { cluster_id: Some("c1"), require_tag: Some("ha"), ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "t");
+        let r = Request { cluster_id: Some("c2"), require_tag: Some("ha"), ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).err(), Some(NoHost::NoCapacity));
+        let r = Request { cluster_id: Some("c2"), require_tag: Some(""), ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "b");
+        // Never another zone.
+        a.zone_id = "z2".into();
+        t.up = false;
+        let hosts = vec![a, b, t];
+        let r = Request { cluster_id: Some("c1"), require_tag: None, ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).err(), Some(NoHost::NoCapacity));
     }
 
     #[test]

@@ -61,6 +61,16 @@ pub struct Host {
     pub tags: String,
     pub last_ping_ms: Option<i64>,
     pub created_ms: i64,
+    /// Host HA state (see `hostha`), since when (database time).
+    pub ha_state: String,
+    pub ha_since_ms: i64,
+    /// Where neighbours check this host's network (from its agent).
+    pub check_addr: String,
+    /// Last storage heartbeat counter seen, and the database time it last advanced (0: never).
+    pub hb_counter: i64,
+    pub hb_seen_ms: i64,
+    /// Database time its agent's connection was lost (0 while connected).
+    pub disconnected_ms: i64,
     /// Capacity in use by VMs placed on the host (filled by [`host_list`]).
     pub used_cpu: i64,
     pub used_mem_mb: i64,
@@ -313,7 +323,8 @@ pub async fn cluster_list(c: &mut dyn Sql) -> Result<Vec<Cluster>, DbError> {
 
 const HOST_COLS: &str = "h.id, h.guid, h.name, h.zone_id, h.pod_id, h.cluster_id, h.ip, h.hypervisor, \
      h.cpu_cores, h.cpu_mhz, h.mem_mb, h.status, h.resource_state, h.mgmt_server_id, h.owner_gen, \
-     h.agent_id, h.version, h.tags, h.last_ping_ms, h.created_ms";
+     h.agent_id, h.version, h.tags, h.last_ping_ms, h.created_ms, h.ha_state, h.ha_since_ms, h.check_addr, \
+     h.hb_counter, h.hb_seen_ms, h.disconnected_ms";
 
 fn host_from_row(r: &crate::AnyRow) -> Result<Host, DbError> {
     Ok(Host {
@@ -337,6 +348,12 @@ fn host_from_row(r: &crate::AnyRow) -> Result<Host, DbError> {
         tags: get_str(r, "tags")?,
         last_ping_ms: get_opt_i64(r, "last_ping_ms")?,
         created_ms: get_i64(r, "created_ms")?,
+        ha_state: get_str(r, "ha_state")?,
+        ha_since_ms: get_i64(r, "ha_since_ms")?,
+        check_addr: get_str(r, "check_addr")?,
+        hb_counter: get_i64(r, "hb_counter")?,
+        hb_seen_ms: get_i64(r, "hb_seen_ms")?,
+        disconnected_ms: get_i64(r, "disconnected_ms")?,
         used_cpu: 0,
         used_mem_mb: 0,
         vm_count: 0,
@@ -415,6 +432,8 @@ pub struct HostConnect {
     pub mem_mb: i64,
     pub agent_id: String,
     pub version: String,
+    /// Where neighbours check this host's network ("" if the agent gives none).
+    pub check_addr: String,
     /// Where a host seen for the first time is placed.
     pub zone_id: String,
     pub pod_id: String,
@@ -438,6 +457,7 @@ pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str)
                 dl,
                 "UPDATE host SET status = 'Up', mgmt_server_id = ?, owner_gen = ?, last_ping_ms = {now}, \
                  name = ?, ip = ?, cpu_cores = ?, cpu_mhz = ?, mem_mb = ?, agent_id = ?, version = ?, \
+                 check_addr = ?, disconnected_ms = 0, ha_state = 'Available', ha_since_ms = {now}, \
                  removed_ms = NULL WHERE id = ?",
             ))
             .bind(ms_id)
@@ -449,6 +469,7 @@ pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str)
             .bind(h.mem_mb)
             .bind(&h.agent_id)
             .bind(&h.version)
+            .bind(&h.check_addr)
             .bind(&id)
             .execute(conn)
             .await
@@ -461,7 +482,8 @@ pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str)
                 dl,
                 "INSERT INTO host (id, guid, name, zone_id, pod_id, cluster_id, ip, hypervisor, cpu_cores, \
                  cpu_mhz, mem_mb, status, resource_state, mgmt_server_id, owner_gen, agent_id, version, tags, \
-                 last_ping_ms, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Up', 'Enabled', ?, 1, ?, ?, '', {now}, {now})",
+                 last_ping_ms, created_ms, check_addr, ha_since_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Up', 'Enabled', ?, 1, ?, ?, '', {now}, {now}, ?, {now})",
             ))
             .bind(&id)
             .bind(&h.guid)
@@ -477,6 +499,7 @@ pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str)
             .bind(ms_id)
             .bind(&h.agent_id)
             .bind(&h.version)
+            .bind(&h.check_addr)
             .execute(conn)
             .await
             .ctx("insert host")?;
@@ -504,10 +527,12 @@ pub async fn host_ping(c: &mut dyn Sql, host_id: &str, ms_id: &str, gen_: i64) -
 
 /// Mark a host Disconnected when its agent's connection closes, if this server still owns it.
 pub async fn host_disconnect(c: &mut dyn Sql, host_id: &str, ms_id: &str, gen_: i64) -> Result<bool, DbError> {
-    let (conn, _) = c.parts();
-    let n = sqlx::query(
-        "UPDATE host SET status = 'Disconnected', mgmt_server_id = NULL WHERE id = ? AND mgmt_server_id = ? AND owner_gen = ?",
-    )
+    let (conn, dl) = c.parts();
+    let n = sqlx::query(&sql(
+        dl,
+        "UPDATE host SET status = 'Disconnected', mgmt_server_id = NULL, disconnected_ms = {now} \
+         WHERE id = ? AND mgmt_server_id = ? AND owner_gen = ?",
+    ))
     .bind(host_id)
     .bind(ms_id)
     .bind(gen_)
@@ -515,6 +540,19 @@ pub async fn host_disconnect(c: &mut dyn Sql, host_id: &str, ms_id: &str, gen_: 
     .await
     .ctx("record host disconnect")?
     .rows_affected();
+    Ok(n == 1)
+}
+
+/// Replace a host's tags (comma-separated).
+pub async fn host_set_tags(c: &mut dyn Sql, id: &str, tags: &str) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query("UPDATE host SET tags = ? WHERE id = ? AND removed_ms IS NULL")
+        .bind(tags)
+        .bind(id)
+        .execute(conn)
+        .await
+        .ctx("update host tags")?
+        .rows_affected();
     Ok(n == 1)
 }
 
@@ -633,10 +671,12 @@ pub async fn template_list(c: &mut dyn Sql) -> Result<Vec<Template>, DbError> {
 /// Hosts whose connection a dead server held: Disconnected (not Down: their agents are
 /// reconnecting elsewhere), owner cleared. Returns how many.
 pub async fn host_release_of(c: &mut dyn Sql, ms_id: &str) -> Result<u64, DbError> {
-    let (conn, _) = c.parts();
-    let n = sqlx::query(
-        "UPDATE host SET status = 'Disconnected', mgmt_server_id = NULL WHERE mgmt_server_id = ? AND removed_ms IS NULL",
-    )
+    let (conn, dl) = c.parts();
+    let n = sqlx::query(&sql(
+        dl,
+        "UPDATE host SET status = 'Disconnected', mgmt_server_id = NULL, disconnected_ms = {now} \
+         WHERE mgmt_server_id = ? AND removed_ms IS NULL",
+    ))
     .bind(ms_id)
     .execute(conn)
     .await

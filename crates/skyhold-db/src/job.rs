@@ -323,3 +323,14 @@ pub async fn job_count_unowned(c: &mut dyn Sql) -> Result<i64, DbError> {
         .await
         .ctx("count waiting jobs")
 }
+
+/// Does the object have an unfinished job (queued or running)?
+pub async fn job_unfinished_for(c: &mut dyn Sql, instance_id: &str) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM async_job WHERE instance_id = ? AND status = 0")
+        .bind(instance_id)
+        .fetch_one(conn)
+        .await
+        .ctx("look for unfinished jobs")?;
+    Ok(n > 0)
+}

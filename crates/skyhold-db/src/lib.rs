@@ -16,6 +16,7 @@ pub mod config;
 pub mod crypto;
 pub mod event;
 pub mod ha;
+pub mod hostha;
 pub mod infra;
 pub mod job;
 pub mod migrate;

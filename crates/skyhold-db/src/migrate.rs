@@ -320,10 +320,73 @@ CREATE TABLE management_server (
 ALTER TABLE management_server ADD COLUMN db_endpoint VARCHAR(255) NOT NULL DEFAULT '';
 "#,
     },
+    Migration {
+        version: 3,
+        name: "host HA: HA state, storage heartbeat, out-of-band management, op_ha_work, alerts",
+        sql: r#"
+ALTER TABLE host ADD COLUMN ha_state VARCHAR(32) NOT NULL DEFAULT 'Available';
+ALTER TABLE host ADD COLUMN ha_since_ms BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE host ADD COLUMN check_addr VARCHAR(255) NOT NULL DEFAULT '';
+ALTER TABLE host ADD COLUMN hb_counter BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE host ADD COLUMN hb_seen_ms BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE host ADD COLUMN disconnected_ms BIGINT NOT NULL DEFAULT 0;
+
+CREATE TABLE host_oob (
+  host_id VARCHAR(64) NOT NULL PRIMARY KEY,
+  driver VARCHAR(32) NOT NULL,
+  address VARCHAR(255) NOT NULL,
+  port BIGINT NOT NULL,
+  username VARCHAR(255) NOT NULL,
+  password_enc TEXT NOT NULL,
+  enabled BIGINT NOT NULL,
+  power_state VARCHAR(32) NOT NULL,
+  updated_ms BIGINT NOT NULL
+){engine};
+
+CREATE TABLE op_ha_work (
+  seq {pk_col},
+  id VARCHAR(64) NOT NULL,
+  vm_id VARCHAR(64) NOT NULL,
+  host_id VARCHAR(64) NOT NULL,
+  zone_id VARCHAR(64) NOT NULL,
+  cluster_id VARCHAR(64) NOT NULL,
+  kind VARCHAR(32) NOT NULL,
+  reason TEXT NOT NULL,
+  state VARCHAR(32) NOT NULL,
+  attempts BIGINT NOT NULL,
+  job_id VARCHAR(64),
+  next_try_ms BIGINT NOT NULL,
+  last_error TEXT,
+  created_ms BIGINT NOT NULL,
+  updated_ms BIGINT NOT NULL,
+  completed_ms BIGINT
+){engine};
+CREATE UNIQUE INDEX op_ha_work_id ON op_ha_work (id);
+CREATE INDEX op_ha_work_state ON op_ha_work (state, next_try_ms);
+CREATE INDEX op_ha_work_vm ON op_ha_work (vm_id, created_ms);
+
+CREATE TABLE alert (
+  seq {pk_col},
+  id VARCHAR(64) NOT NULL,
+  type BIGINT NOT NULL,
+  name VARCHAR(64) NOT NULL,
+  subject VARCHAR(255) NOT NULL,
+  description TEXT NOT NULL,
+  zone_id VARCHAR(64),
+  pod_id VARCHAR(64),
+  cluster_id VARCHAR(64),
+  host_id VARCHAR(64),
+  archived BIGINT NOT NULL,
+  created_ms BIGINT NOT NULL
+){engine};
+CREATE UNIQUE INDEX alert_id ON alert (id);
+CREATE INDEX alert_created ON alert (created_ms);
+"#,
+    },
 ];
 
 /// Newest schema version this binary knows.
-pub const LATEST: i64 = 2;
+pub const LATEST: i64 = 3;
 
 fn render(d: Dialect, s: &str) -> String {
     let (pk_col, engine) = match d {

@@ -366,6 +366,7 @@ fn host_connect(fx: &Fx, guid: &str) -> HostConnect {
         mem_mb: 16384,
         agent_id: format!("agent-{guid}"),
         version: "1.0".into(),
+        check_addr: format!("192.0.2.10:{}", guid.len()),
         zone_id: fx.zone.clone(),
         pod_id: fx.pod.clone(),
         cluster_id: fx.cluster.clone(),

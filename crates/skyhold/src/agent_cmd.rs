@@ -38,6 +38,7 @@ pub async fn run(a: AgentArgs) -> Result<u8> {
         self_fence_after_ms: a.self_fence_after_ms,
         check_listen: a.check_listen.clone(),
         control_dir: a.control_dir.clone(),
+        static_mgmt: a.static_mgmt,
     };
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

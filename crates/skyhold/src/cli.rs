@@ -33,6 +33,23 @@ pub enum Cmd {
     Cluster(ClusterArgs),
     /// The node's encryption key ring: fingerprints, ENC(...) values for config files, rotation.
     Keys(KeysArgs),
+    /// Host and VM HA: suspect or fenced hosts and pending HA work.
+    Ha(HaArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HaArgs {
+    #[command(subcommand)]
+    pub action: HaAction,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum HaAction {
+    /// Hosts that are not Up and Available, and HA restarts not finished yet (JSON).
+    Status {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -255,6 +272,10 @@ pub struct AgentArgs {
     /// its neighbours); a file DIR/crash/<vm id> crashes that VM at the next heartbeat tick.
     #[arg(long)]
     pub control_dir: Option<PathBuf>,
+    /// Use only the --mgmt addresses and ignore the lists management servers push (agents that
+    /// reach the servers through a load balancer's virtual address).
+    #[arg(long)]
+    pub static_mgmt: bool,
 }
 
 #[derive(Args, Debug, Clone)]

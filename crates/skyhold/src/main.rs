@@ -13,6 +13,19 @@ mod server_cmd;
 
 use clap::Parser;
 
+/// `skyhold ha status`.
+async fn ha_cmd(a: cli::HaArgs) -> anyhow::Result<u8> {
+    match a.action {
+        cli::HaAction::Status { node } => {
+            let file = config::FileConfig::load(node.config.as_deref())?;
+            let db = config::Node::resolve(&node, &file)?.open_db(false).await?;
+            let st = skyhold_core::ha::status(&db).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{}", serde_json::to_string_pretty(&st)?);
+            Ok(0)
+        }
+    }
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
@@ -39,6 +52,7 @@ fn main() -> std::process::ExitCode {
             cli::Cmd::Account(a) => db_cmd::account(a).await,
             cli::Cmd::Cluster(a) => cluster_cmd::run(a).await,
             cli::Cmd::Keys(a) => keys_cmd::run(a).await,
+            cli::Cmd::Ha(a) => ha_cmd(a).await,
         }
     });
     match res {

@@ -83,6 +83,7 @@ pub async fn run(a: ServerArgs) -> Result<u8> {
     tokio::spawn(skyhold_core::settings::watch(core.clone()));
     tokio::spawn(skyhold_core::keys::run(core.clone()));
     tokio::spawn(skyhold_core::dbwatch::run(core.clone()));
+    tokio::spawn(skyhold_core::ha::run(core.clone()));
     tokio::spawn(skyhold_core::jobs::run_executor(core.clone()));
     tokio::spawn(skyhold_core::housekeeping::run(core.clone()));
     tokio::spawn(skyhold_core::agents::serve(core.clone(), agent_l));

@@ -10,10 +10,8 @@ use common::*;
 use rand::Rng;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Generate a SQLite and a MariaDB test from one body taking a `Backend`.
@@ -140,24 +138,6 @@ fn init_cloud(backend: Backend) -> Option<Cloud> {
 }
 
 /// Start a simulator agent with an explicit `--mgmt` list (the harness gives it every server).
-fn start_agent_mgmt(c: &mut Cloud, name: &str, hosts: u32, mgmt: &str, extra: &[&str]) {
-    let log = c.path(&format!("{name}.log"));
-    let f = std::fs::File::create(&log).expect("log file");
-    let child = Command::new(BIN)
-        .args(["agent", "--mgmt", mgmt, &format!("--token={}", c.agent_token), "--simulator"])
-        .args(["--hosts", &hosts.to_string(), "--agent-id", name])
-        .arg("--ledger")
-        .arg(c.ledger())
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().expect("dup"))
-        .stderr(f)
-        .spawn()
-        .expect("spawn agent");
-    c.agents.push(Proc { name: name.into(), child, log });
-}
-
 fn hosts(c: &Cloud) -> Vec<Value> {
     c.ok("listHosts", &[])["host"].as_array().cloned().unwrap_or_default()
 }
@@ -809,114 +789,6 @@ both!(chaos);
 // 3. Database partition of one server
 // ---------------------------------------------------------------------------------------------
 
-/// How the proxy cuts a server off the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cut {
-    /// Accept new connections and never forward them (a partition: packets go nowhere).
-    Blackhole,
-    /// Close new connections at once (the database host answers, the port is unreachable).
-    Refuse,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Forward,
-    Cut(Cut),
-}
-
-struct ProxyState {
-    mode: Mutex<Mode>,
-    /// Both ends of every forwarded connection, to sever them.
-    live: Mutex<Vec<TcpStream>>,
-    /// Blackholed client connections (held open, never answered).
-    held: Mutex<Vec<TcpStream>>,
-    stop: AtomicBool,
-}
-
-/// A TCP proxy in front of the database that the test can cut and heal.
-struct DbProxy {
-    port: u16,
-    st: Arc<ProxyState>,
-}
-
-impl DbProxy {
-    fn start(upstream: &str) -> DbProxy {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let port = l.local_addr().expect("addr").port();
-        let st = Arc::new(ProxyState {
-            mode: Mutex::new(Mode::Forward),
-            live: Mutex::new(Vec::new()),
-            held: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
-        });
-        let st2 = st.clone();
-        let upstream = upstream.to_string();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                if st2.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(client) = s else { continue };
-                let mode = *st2.mode.lock().unwrap();
-                match mode {
-                    Mode::Cut(Cut::Refuse) => drop(client),
-                    Mode::Cut(Cut::Blackhole) => st2.held.lock().unwrap().push(client),
-                    Mode::Forward => {
-                        let Ok(up) = TcpStream::connect(&upstream) else { continue };
-                        let _ = client.set_nodelay(true);
-                        let _ = up.set_nodelay(true);
-                        let mut live = st2.live.lock().unwrap();
-                        live.retain(|s| s.peer_addr().is_ok());
-                        for s in [&client, &up] {
-                            if let Ok(s) = s.try_clone() {
-                                live.push(s);
-                            }
-                        }
-                        drop(live);
-                        pump(client.try_clone().expect("clone"), up.try_clone().expect("clone"));
-                        pump(up, client);
-                    }
-                }
-            }
-        });
-        DbProxy { port, st }
-    }
-
-    /// Sever every connection and treat new ones according to `how`.
-    fn cut(&self, how: Cut) {
-        *self.st.mode.lock().unwrap() = Mode::Cut(how);
-        for s in self.st.live.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Forward again; connections held during the cut are closed.
-    fn heal(&self) {
-        *self.st.mode.lock().unwrap() = Mode::Forward;
-        for s in self.st.held.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-impl Drop for DbProxy {
-    fn drop(&mut self) {
-        self.st.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        self.cut(Cut::Refuse);
-        self.heal();
-    }
-}
-
-/// Copy `from` to `to` until either side closes, then close both directions of `to`.
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
-        let _ = to.shutdown(Shutdown::Both);
-        let _ = from.shutdown(Shutdown::Both);
-    });
-}
-
 /// `host:port` of a `mysql://user:pass@host:port/db` URL, and the URL with `host:port` replaced
 /// by `127.0.0.1:port`.
 fn split_db_url(url: &str, port: u16) -> (String, String) {
@@ -937,7 +809,7 @@ fn partition_self_fences(how: Cut, interval: Option<&str>) {
     let Some(mut c) = init_cloud(Backend::MySql) else { return };
     c.allow_error_logs = true; // fencing and the lost database log errors on purpose
     let (upstream, _) = split_db_url(&c.db_url, 0);
-    let proxy = DbProxy::start(&upstream);
+    let proxy = TcpProxy::start(&upstream);
     let (_, proxied_url) = split_db_url(&c.db_url, proxy.port);
     // ms2 first, so that ms1 knows its peer from its first monitor round and tells the agent.
     let i2 = c.start_server("ms2");
@@ -947,7 +819,7 @@ fn partition_self_fences(how: Cut, interval: Option<&str>) {
     let ms2_agent = format!("127.0.0.1:{}", c.servers[i2].2);
     // 3 s of simulated hypervisor latency: a command ms1 sends just before the partition is
     // still waiting in the agent when ms2 takes the hosts over.
-    start_agent_mgmt(&mut c, "agent1", 4, &ms1_agent, &["--command-delay-ms", "3000"]);
+    c.start_agent_at("agent1", 4, &ms1_agent, &["--command-delay-ms", "3000"]);
     wait_for(Duration::from_secs(20), || {
         let hs = hosts(&c);
         (hs.len() == 4 && hs.iter().all(|h| h["state"] == "Up" && h["managementserverid"] == "ms1")).then_some(())

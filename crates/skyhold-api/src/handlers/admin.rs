@@ -88,6 +88,21 @@ pub async fn update_configuration(ctx: &Ctx<'_>) -> HResult {
     } else {
         validate(def, raw).map_err(|e| p.invalid("value", &e))?
     };
+    // The seed's warning: an ha.tag that no host carries makes HA fail silently at the worst
+    // moment. Refuse it.
+    if def.name == skyhold_types::settings::HA_TAG && !value.is_empty() {
+        let mut c = ctx.core.db().conn().await.map_err(db)?;
+        let hosts = skyhold_db::infra::host_list(&mut c).await.map_err(db)?;
+        if !hosts.iter().any(|h| h.tags.split(',').any(|t| t == value)) {
+            return Err(p.invalid(
+                "value",
+                &format!(
+                    "no host carries the tag '{value}': HA restarts would have nowhere to go. Tag the HA hosts first \
+                     (updateHost id=... hosttags={value})"
+                ),
+            ));
+        }
+    }
     // The heartbeat pair must keep self-fencing ahead of takeover.
     {
         use skyhold_types::settings::{CLUSTER_HEARTBEAT_INTERVAL as I, CLUSTER_HEARTBEAT_THRESHOLD as T};

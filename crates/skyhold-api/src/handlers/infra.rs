@@ -154,6 +154,7 @@ pub fn host_json(h: &Host, names: &Names) -> Value {
         "version": h.version,
         "hosttags": h.tags,
         "hahost": false,
+        "hostha": { "haenable": true, "hastate": h.ha_state, "haprovider": "skyhold" },
         "islocalstorageactive": false,
         "events": "AgentConnected; AgentDisconnected; HostDown; Ping; PingTimeout; ShutdownRequested; StartAgentRebalance; ManagementServerDown",
     })
@@ -217,7 +218,12 @@ pub async fn list_hosts(ctx: &Ctx<'_>) -> HResult {
         .filter(|x| state.is_none_or(|s| x.status == s.as_str()))
         .filter(|x| matches_kw(&kw, &[&x.name, &x.ip]))
         .collect();
-    paged(ctx, "host", hosts, |h| host_json(h, &names))
+    let oob = skyhold_db::hostha::oob_list(&mut c).await.map_err(db)?;
+    paged(ctx, "host", hosts, |h| {
+        let mut v = host_json(h, &names);
+        v["outofbandmanagement"] = super::ha::oob_json(&h.id, oob.iter().find(|o| o.host_id == h.id));
+        v
+    })
 }
 
 pub async fn update_host(ctx: &Ctx<'_>) -> HResult {
@@ -229,10 +235,61 @@ pub async fn update_host(ctx: &Ctx<'_>) -> HResult {
         Some(s) if s.eq_ignore_ascii_case("disable") || s.eq_ignore_ascii_case("disabled") => Some("Disabled"),
         Some(_) => return Err(p.invalid("allocationstate", "must be Enable or Disable")),
     };
+    let tags = match p.text("hosttags", 255)? {
+        None => None,
+        Some(t) => {
+            let list: Vec<&str> = t.split(',').map(str::trim).filter(|x| !x.is_empty()).collect();
+            if list
+                .iter()
+                .any(|x| x.len() > 64 || !x.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)))
+            {
+                return Err(p.invalid("hosttags", "tags are letters, digits, '-', '_' and '.', at most 64 each"));
+            }
+            Some(list.join(","))
+        }
+    };
     let mut c = ctx.core.db().conn().await.map_err(db)?;
     let Some(host) = skyhold_db::infra::host_fetch(&mut c, &id).await.map_err(db)? else {
         return Err(CsError::param(format!("Unable to find host with specified id {id}")));
     };
+    if let Some(t) = &tags {
+        skyhold_db::infra::host_set_tags(&mut c, &id, t).await.map_err(db)?;
+        let owner = skyhold_core::events::EventOwner {
+            account_id: ctx.caller.account_id.clone(),
+            domain_id: ctx.caller.domain_id.clone(),
+            user_id: Some(ctx.caller.user_id.clone()),
+        };
+        skyhold_core::events::record(
+            &mut c,
+            &owner,
+            "HOST.UPDATE",
+            "INFO",
+            format!("Host {} tags set to '{t}'", host.name),
+            Some(("Host", &id)),
+        )
+        .await
+        .map_err(cs)?;
+        // The seed's warning: an ha.tag no host carries makes HA fail silently. Say it loudly.
+        let ha_tag = ctx.core.settings().get(skyhold_types::settings::HA_TAG);
+        if !ha_tag.is_empty() {
+            let carriers =
+                host_list(&mut c).await.map_err(db)?.iter().filter(|h| h.tags.split(',').any(|x| x == ha_tag)).count();
+            if carriers == 0 {
+                skyhold_core::ha::raise_host_alert(
+                    &mut c,
+                    &host,
+                    "HA.TAG.UNUSED",
+                    &format!(
+                        "No host carries the ha.tag '{ha_tag}' any more (host {} was the last): HA restarts have \
+                         nowhere to go until a host is tagged or ha.tag is cleared",
+                        host.name
+                    ),
+                )
+                .await
+                .map_err(cs)?;
+            }
+        }
+    }
     if let Some(st) = state {
         if !matches!(host.resource_state.as_str(), "Enabled" | "Disabled") {
             return Err(CsError::new(

@@ -1,6 +1,7 @@
 //! Command handlers, one file per resource family.
 
 mod admin;
+mod ha;
 mod infra;
 mod jobs;
 mod vm;
@@ -68,6 +69,10 @@ pub async fn dispatch(ctx: &Ctx<'_>) -> HResult {
         "listAccounts" => admin::list_accounts(ctx).await,
         "listUsers" => admin::list_users(ctx).await,
         "listRegions" => admin::list_regions(ctx).await,
+        "listAlerts" => ha::list_alerts(ctx).await,
+        "configureOutOfBandManagement" => ha::configure_oob(ctx).await,
+        "enableOutOfBandManagementForHost" => ha::enable_oob(ctx, true).await,
+        "disableOutOfBandManagementForHost" => ha::enable_oob(ctx, false).await,
         other => Err(CsError::new(
             skyhold_types::ErrorCode::Unauthorized,
             format!("The given command {other} does not exist or it is not available for user"),

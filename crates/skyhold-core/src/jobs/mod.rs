@@ -150,6 +150,9 @@ impl JobCtx {
             match sent {
                 Ok(Some(CommandResult::Ok { state })) => return Ok(AgentOutcome::Done(state)),
                 Ok(Some(CommandResult::Failed { message })) => return Ok(AgentOutcome::Failed(message)),
+                Ok(Some(CommandResult::HostCheck { .. })) => {
+                    return Ok(AgentOutcome::Failed("the agent answered a VM command with a host check".into()));
+                }
                 Ok(Some(CommandResult::StaleGeneration { .. } | CommandResult::UnknownHost)) | Ok(None) => {}
                 Err(SendError::Fenced) => return Err(CoreError::LeaseLost),
                 Err(_) => {}
@@ -170,33 +173,7 @@ impl JobCtx {
         cmd: &Command,
         left: Duration,
     ) -> Result<Option<CommandResult>, SendError> {
-        if self.core.is_fenced() {
-            return Err(SendError::Fenced);
-        }
-        let owner = async {
-            let mut c = self.core.db().conn().await?;
-            skyhold_db::infra::host_fetch(&mut c, host_id).await
-        }
-        .await
-        .ok()
-        .flatten()
-        .and_then(|h| h.mgmt_server_id);
-        let Some(owner) = owner.filter(|o| o != &self.core.ms().id) else { return Ok(None) };
-        let Some(peer) = self.core.peers().into_iter().find(|p| p.id == owner) else { return Ok(None) };
-        let req = crate::peer::PeerReq::Forward {
-            host_id: host_id.to_string(),
-            job_id: self.job.id.clone(),
-            step,
-            cmd: cmd.clone(),
-            timeout_ms: left.as_millis() as u64,
-        };
-        match crate::peer::call(&self.core, &peer.id, &peer.peer_addr, req, left + Duration::from_secs(1)).await {
-            Ok(crate::peer::PeerResp::Result { result }) => {
-                tracing::info!(job = %self.job.id, host = %host_id, peer = %peer.id, step, "forwarded agent command through the peer holding the host");
-                Ok(Some(result))
-            }
-            _ => Ok(None),
-        }
+        self.core.agent_forward(host_id, &self.job.id, step, cmd, left).await
     }
 }
 

@@ -117,6 +117,10 @@ async fn plan(
     replans: u32,
 ) -> Result<Planned, CoreError> {
     let ha_tag = ctx.core.settings().get(skyhold_types::settings::HA_TAG);
+    // An HA restart (queued by `ha`): stay in the failed host's cluster, and use only `ha.tag`
+    // hosts when that setting is set; ordinary starts avoid those hosts.
+    let ha = ctx.params.get("ha").and_then(|v| v.as_bool()) == Some(true);
+    let ha_cluster = ctx.params.get("cluster_id").and_then(|v| v.as_str()).map(str::to_string);
     retry_tx!(ctx.core.db(), |tx| {
         async {
             if let Some(h) = ctx.committed_host(&mut tx).await? {
@@ -162,7 +166,9 @@ async fn plan(
                 mem_mb: vm.mem_mb,
                 required_host: required,
                 preferred_host: vm.last_host_id.as_deref(),
-                avoid_tag: Some(ha_tag.as_str()),
+                avoid_tag: if ha { None } else { Some(ha_tag.as_str()) },
+                require_tag: if ha { Some(ha_tag.as_str()) } else { None },
+                cluster_id: if ha { ha_cluster.as_deref() } else { None },
                 exclude,
             };
             let host = match choose_host(&caps, &req) {

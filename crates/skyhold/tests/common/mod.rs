@@ -289,13 +289,19 @@ impl Cloud {
     }
 
     pub fn start_agent(&mut self, name: &str, hosts: u32, extra: &[&str]) {
+        let mgmt = self.agent_addrs();
+        self.start_agent_at(name, hosts, &mgmt, extra);
+    }
+
+    /// Start an agent with its own management server list (e.g. through a [`TcpProxy`]).
+    pub fn start_agent_at(&mut self, name: &str, hosts: u32, mgmt: &str, extra: &[&str]) {
         let log = self.path(&format!("{name}.log"));
         let f = std::fs::File::create(&log).expect("log file");
         let child = Command::new(BIN)
             .args([
                 "agent",
                 "--mgmt",
-                &self.agent_addrs(),
+                mgmt,
                 // `=` form: a token is data, even if it looked like a flag.
                 &format!("--token={}", self.agent_token),
                 "--simulator",
@@ -564,4 +570,121 @@ pub fn check_ledger(l: &[Value]) -> std::collections::HashMap<String, String> {
         }
     }
     running
+}
+
+// ---------------------------------------------------------------------------------------------
+// A TCP proxy that cuts links
+// ---------------------------------------------------------------------------------------------
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// How a [`TcpProxy`] cuts a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Accept new connections and never forward them (a partition: packets go nowhere).
+    Blackhole,
+    /// Close new connections at once (the database host answers, the port is unreachable).
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Forward,
+    Cut(Cut),
+}
+
+struct ProxyState {
+    mode: Mutex<Mode>,
+    /// Both ends of every forwarded connection, to sever them.
+    live: Mutex<Vec<TcpStream>>,
+    /// Blackholed client connections (held open, never answered).
+    held: Mutex<Vec<TcpStream>>,
+    stop: AtomicBool,
+}
+
+/// A TCP proxy the test can cut and heal (in front of a database, or of a management server
+/// for an agent).
+pub struct TcpProxy {
+    pub port: u16,
+    st: Arc<ProxyState>,
+}
+
+impl TcpProxy {
+    pub fn start(upstream: &str) -> TcpProxy {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = l.local_addr().expect("addr").port();
+        let st = Arc::new(ProxyState {
+            mode: Mutex::new(Mode::Forward),
+            live: Mutex::new(Vec::new()),
+            held: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let st2 = st.clone();
+        let upstream = upstream.to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                if st2.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = s else { continue };
+                let mode = *st2.mode.lock().unwrap();
+                match mode {
+                    Mode::Cut(Cut::Refuse) => drop(client),
+                    Mode::Cut(Cut::Blackhole) => st2.held.lock().unwrap().push(client),
+                    Mode::Forward => {
+                        let Ok(up) = TcpStream::connect(&upstream) else { continue };
+                        let _ = client.set_nodelay(true);
+                        let _ = up.set_nodelay(true);
+                        let mut live = st2.live.lock().unwrap();
+                        live.retain(|s| s.peer_addr().is_ok());
+                        for s in [&client, &up] {
+                            if let Ok(s) = s.try_clone() {
+                                live.push(s);
+                            }
+                        }
+                        drop(live);
+                        pump(client.try_clone().expect("clone"), up.try_clone().expect("clone"));
+                        pump(up, client);
+                    }
+                }
+            }
+        });
+        TcpProxy { port, st }
+    }
+
+    /// Sever every connection and treat new ones according to `how`.
+    pub fn cut(&self, how: Cut) {
+        *self.st.mode.lock().unwrap() = Mode::Cut(how);
+        for s in self.st.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Forward again; connections held during the cut are closed.
+    pub fn heal(&self) {
+        *self.st.mode.lock().unwrap() = Mode::Forward;
+        for s in self.st.held.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.st.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        self.cut(Cut::Refuse);
+        self.heal();
+    }
+}
+
+/// Copy `from` to `to` until either side closes, then close both directions of `to`.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
 }
