@@ -85,6 +85,16 @@ pub const COMMANDS: &[CommandSpec] = &[
         "id:uuid,type:integer,name:string,keyword:string,page:integer,pagesize:integer"
     ),
     spec!(
+        "migrateVirtualMachine",
+        true,
+        true,
+        "virtualmachine",
+        "Attempts live migration of a virtual machine to another host",
+        "virtualmachineid:uuid!,hostid:uuid"
+    ),
+    spec!("prepareHostForMaintenance", true, true, "host", "Prepares a host for maintenance", "id:uuid!"),
+    spec!("cancelHostMaintenance", true, true, "host", "Cancels host maintenance", "id:uuid!"),
+    spec!(
         "configureOutOfBandManagement",
         false,
         true,

@@ -42,6 +42,9 @@ pub mod cmd {
     pub const REBOOT: &str = "org.apache.cloudstack.api.command.admin.vm.RebootVMCmdByAdmin";
     pub const DESTROY: &str = "org.apache.cloudstack.api.command.admin.vm.DestroyVMCmdByAdmin";
     pub const EXPUNGE: &str = "org.apache.cloudstack.api.command.admin.vm.ExpungeVMCmd";
+    pub const MIGRATE: &str = "org.apache.cloudstack.api.command.admin.vm.MigrateVMCmd";
+    pub const HOST_PREPARE_MAINTENANCE: &str = "org.apache.cloudstack.api.command.admin.host.PrepareForMaintenanceCmd";
+    pub const HOST_CANCEL_MAINTENANCE: &str = "org.apache.cloudstack.api.command.admin.host.CancelMaintenanceCmd";
 }
 
 /// `deployVirtualMachine` after parameter parsing.
@@ -305,6 +308,42 @@ impl Core {
                         instance_type: Some("VirtualMachine".into()),
                         instance_id: Some(vm.id.clone()),
                         params: params.clone(),
+                    },
+                )
+                .await?;
+                Ok::<(), CoreError>(())
+            }
+            .await
+        })?;
+        self.wake_cluster();
+        Ok(job_id)
+    }
+
+    /// Queue a host job (`prepareHostForMaintenance`, `cancelHostMaintenance`); returns its id.
+    pub async fn host_queue_job(&self, caller: &Caller, host_id: &str, cmd: &'static str) -> Result<String, CoreError> {
+        if self.is_shutting_down() {
+            return Err(CoreError::cs(ErrorCode::Unavailable, "management server is shutting down"));
+        }
+        let job_id = uuid::Uuid::new_v4().to_string();
+        retry_tx!(self.db(), |tx| {
+            async {
+                if skyhold_db::job::job_fetch(&mut tx, &job_id).await?.is_some() {
+                    return Ok(());
+                }
+                if skyhold_db::infra::host_fetch(&mut tx, host_id).await?.is_none() {
+                    return Err(not_found("host", host_id));
+                }
+                job_insert(
+                    &mut tx,
+                    &NewJob {
+                        id: job_id.clone(),
+                        cmd: cmd.into(),
+                        user_id: caller.user_id.clone(),
+                        account_id: caller.account_id.clone(),
+                        domain_id: caller.domain_id.clone(),
+                        instance_type: Some("Host".into()),
+                        instance_id: Some(host_id.to_string()),
+                        params: "{}".into(),
                     },
                 )
                 .await?;

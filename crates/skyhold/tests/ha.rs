@@ -456,3 +456,70 @@ fn crashed_vm_and_storage_outage() {
     assert!(back.is_some(), "the HA VM runs again once the storage is back");
     ha.check_ledger();
 }
+
+/// Maintenance: `prepareHostForMaintenance` live-migrates the host's VMs away; a VM whose
+/// migration fails keeps running where it was (ErrorInMaintenance, with an event);
+/// `cancelHostMaintenance` returns the host; `migrateVirtualMachine` moves a VM back. The ledger
+/// never shows a VM on two hosts.
+#[test]
+fn maintenance_migrates_vms_away() {
+    let Some(mut ha) = Ha::start(backend()) else { return };
+    ha.c.allow_error_logs = true;
+    ha.agent("a", None, &[]);
+    ha.agent("b", None, &["--fail", "start=stuck"]);
+    ha.wait_up(&["a", "b"]);
+    let (host_a, host_b) = (ha.host_id("a"), ha.host_id("b"));
+    let mover = ha.deploy_on("mover", "Small Instance", &host_a);
+    let stuck = ha.deploy_on("stuck", "Small Instance", &host_a);
+    let job = ha.c.ok("prepareHostForMaintenance", &[("id", &host_a)])["jobid"].as_str().unwrap().to_string();
+    let r = ha.c.wait_job(&job);
+    assert_eq!(r["jobstatus"], 1, "{r}");
+    assert_eq!(r["jobresult"]["host"]["resourcestate"], "ErrorInMaintenance", "{r}");
+    let m = ha.c.vm(&mover);
+    assert_eq!((m["state"].as_str(), m["hostid"].as_str()), (Some("Running"), Some(host_b.as_str())), "{m}");
+    let s = ha.c.vm(&stuck);
+    assert_eq!((s["state"].as_str(), s["hostid"].as_str()), (Some("Running"), Some(host_a.as_str())), "{s}");
+    let ev = ha.events("VM.MIGRATE");
+    assert!(
+        ev.iter().any(|e| e["level"] == "WARN" && e["description"].as_str().unwrap_or("").contains("keeps running")),
+        "{ev:?}"
+    );
+    // Placement avoids a host in maintenance.
+    let (z, t, o) = ha.c.ids("Small Instance");
+    let (st, v) = ha.c.api(
+        "deployVirtualMachine",
+        &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", "x"), ("hostid", &host_a)],
+    );
+    let refused =
+        if st == 200 { ha.c.wait_job(v["deployvirtualmachineresponse"]["jobid"].as_str().unwrap()) } else { v };
+    assert!(refused.to_string().contains("not Up and Enabled"), "{refused}");
+    // Back from maintenance, then the stuck VM goes (it is destroyed) and maintenance completes.
+    let job = ha.c.ok("cancelHostMaintenance", &[("id", &host_a)])["jobid"].as_str().unwrap().to_string();
+    assert_eq!(ha.c.wait_job(&job)["jobresult"]["host"]["resourcestate"], "Enabled");
+    let job =
+        ha.c.ok("destroyVirtualMachine", &[("id", &stuck), ("expunge", "true")])["jobid"].as_str().unwrap().to_string();
+    assert_eq!(ha.c.wait_job(&job)["jobstatus"], 1);
+    let job = ha.c.ok("migrateVirtualMachine", &[("virtualmachineid", &mover), ("hostid", &host_a)])["jobid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = ha.c.wait_job(&job);
+    assert_eq!(r["jobstatus"], 1, "{r}");
+    assert_eq!(ha.c.vm(&mover)["hostid"], host_a.as_str());
+    let job = ha.c.ok("prepareHostForMaintenance", &[("id", &host_a)])["jobid"].as_str().unwrap().to_string();
+    let r = ha.c.wait_job(&job);
+    assert_eq!(r["jobresult"]["host"]["resourcestate"], "Maintenance", "{r}");
+    assert_eq!(ha.c.vm(&mover)["hostid"], host_b.as_str());
+    // Bad input: a migration to the VM's own host is refused with a reason.
+    let job = ha.c.ok("migrateVirtualMachine", &[("virtualmachineid", &mover), ("hostid", &host_b)])["jobid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = ha.c.wait_job(&job);
+    assert_eq!(r["jobstatus"], 2, "{r}");
+    assert!(r["jobresult"]["errortext"].as_str().unwrap().contains("other than its own"), "{r}");
+    let (st, v) = ha.c.api("migrateVirtualMachine", &[("virtualmachineid", "not-a-uuid")]);
+    assert_eq!(st, 431, "{v}");
+    let running = ha.check_ledger();
+    assert_eq!(running.get(&mover).map(String::as_str), Some("b-h0"));
+}

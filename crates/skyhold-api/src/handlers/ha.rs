@@ -140,3 +140,21 @@ async fn record(ctx: &Ctx<'_>, c: &mut skyhold_db::Conn, host_id: &str, text: St
         .await
         .map_err(cs)
 }
+
+/// `migrateVirtualMachine virtualmachineid [hostid]` (admin): live migration within the VM's
+/// cluster.
+pub async fn migrate(ctx: &Ctx<'_>) -> HResult {
+    let vm = ctx.p.req_uuid("virtualmachineid")?;
+    let host = ctx.p.uuid("hostid")?;
+    let params = json!({ "hostid": host });
+    let job_id =
+        ctx.core.vm_queue_job(ctx.caller, &vm, skyhold_core::vm::cmd::MIGRATE, params).await.map_err(cs)?;
+    Ok(Reply::Async { job_id, id: None })
+}
+
+/// `prepareHostForMaintenance id` / `cancelHostMaintenance id` (admin).
+pub async fn host_job(ctx: &Ctx<'_>, cmd: &'static str) -> HResult {
+    let id = ctx.p.req_uuid("id")?;
+    let job_id = ctx.core.host_queue_job(ctx.caller, &id, cmd).await.map_err(cs)?;
+    Ok(Reply::Async { job_id, id: None })
+}

@@ -12,9 +12,11 @@
 //! - Jobs on one VM run one at a time in submission order (`job_claim` only returns the oldest
 //!   unfinished job of each object).
 
+mod host_maintenance;
 mod vm_destroy;
 mod vm_reboot;
 mod vm_start;
+mod vm_migrate;
 mod vm_stop;
 
 use crate::agents::SendError;
@@ -269,6 +271,9 @@ async fn run_one(core: Core, claimed: Claimed) {
         cmd::STOP => vm_stop::run(&mut ctx).await,
         cmd::REBOOT => vm_reboot::run(&mut ctx).await,
         cmd::DESTROY | cmd::EXPUNGE => vm_destroy::run(&mut ctx).await,
+        cmd::MIGRATE => vm_migrate::run(&mut ctx).await,
+        cmd::HOST_PREPARE_MAINTENANCE => host_maintenance::prepare(&mut ctx).await,
+        cmd::HOST_CANCEL_MAINTENANCE => host_maintenance::cancel(&mut ctx).await,
         other => {
             let text = format!("unknown job command {other}");
             fail_job(&ctx, ErrorCode::Internal, &text).await
