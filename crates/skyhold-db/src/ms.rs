@@ -326,3 +326,19 @@ pub async fn ms_is_down_run(c: &mut dyn Sql, id: &str, run_id: &str) -> Result<b
         None => Ok(false),
     }
 }
+
+/// Who holds a named lock now (holder id, lease left in ms on the database clock), if anyone
+/// holds it with a live lease.
+pub async fn lock_holder(c: &mut dyn Sql, name: &str) -> Result<Option<(String, i64)>, DbError> {
+    let (conn, dl) = c.parts();
+    let r = sqlx::query(&sql(
+        dl,
+        "SELECT holder_ms, lease_until_ms - {now} AS left_ms FROM cluster_lock WHERE name = ? \
+         AND holder_ms IS NOT NULL AND lease_until_ms >= {now}",
+    ))
+    .bind(name)
+    .fetch_optional(conn)
+    .await
+    .ctx("read cluster lock")?;
+    r.map(|r| Ok((get_str(&r, "holder_ms")?, get_i64(&r, "left_ms")?))).transpose()
+}

@@ -523,3 +523,54 @@ fn maintenance_migrates_vms_away() {
     let running = ha.check_ledger();
     assert_eq!(running.get(&mover).map(String::as_str), Some("b-h0"));
 }
+
+/// The management server coordinating HA dies in the middle of the restarts: the other server
+/// takes the coordinator role and the durable work and jobs over; every HA VM of the dead host
+/// runs again exactly once.
+#[test]
+fn coordinator_killed_during_ha_restarts() {
+    let Some(mut ha) = Ha::start(backend()) else { return };
+    ha.c.allow_error_logs = true;
+    ha.c.start_server("ms2");
+    let a = ha.agent("a", None, &[]);
+    // Slow hypervisors: the restarts are still running when the coordinator dies.
+    ha.agent("b", None, &["--command-delay-ms", "1500"]);
+    ha.agent("c", None, &["--command-delay-ms", "1500"]);
+    ha.wait_up(&["a", "b", "c"]);
+    let host_a = ha.host_id("a");
+    let vms: Vec<String> = (0..6).map(|i| ha.deploy_on(&format!("coord{i}"), "HA Instance", &host_a)).collect();
+    ha.kill_host(a);
+    ha.wait_event("HOST.HA.FENCED", Duration::from_secs(60));
+    let st = ha.ha_status();
+    let coord = st["coordinator"]["ms_id"].as_str().expect("a coordinator").to_string();
+    let i = ha.c.servers.iter().position(|(p, _, _)| p.name == coord).expect("coordinator is one of ours");
+    ha.c.kill9_server(i);
+    let other = 1 - i;
+    ha.c.api_port = ha.c.servers[other].1;
+    eprintln!("coordinator {coord} killed with work {}", st["work_by_state"]);
+    let back = wait_for(Duration::from_secs(90), || {
+        vms.iter()
+            .all(|id| {
+                let v = ha.c.vm(id);
+                v["state"] == "Running" && v["hostid"] != host_a.as_str()
+            })
+            .then_some(())
+    });
+    assert!(back.is_some(), "every HA VM restarted after the coordinator died: {}", ha.ha_status());
+    let st = wait_for(Duration::from_secs(20), || {
+        let st = ha.ha_status();
+        (st["work_by_state"]["Done"] == 6).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("work done: {}", ha.ha_status()));
+    assert_ne!(st["coordinator"]["ms_id"], coord.as_str(), "{st}");
+    // Exactly one start per VM outside the dead host.
+    let l = ha.c.ledger_entries();
+    for id in &vms {
+        let starts = l
+            .iter()
+            .filter(|e| e["vm"] == id.as_str() && e["kind"] == "exec" && e["state"] == "Running" && e["host"] != "a-h0")
+            .count();
+        assert_eq!(starts, 1, "VM {id} started {starts} times after the failure");
+    }
+    ha.check_ledger();
+}

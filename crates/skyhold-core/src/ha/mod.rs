@@ -858,7 +858,9 @@ pub async fn status(db: &skyhold_db::Db) -> Result<serde_json::Value, CoreError>
     let work = hostha::work_list(&mut c, hostha::WORK_ACTIVE, 10_000).await?;
     let counts = hostha::work_counts(&mut c).await?;
     let now = skyhold_db::now_ms(&mut c).await?;
+    let coordinator = skyhold_db::ms::lock_holder(&mut c, COORDINATOR_LOCK).await?;
     Ok(json!({
+        "coordinator": coordinator.map(|(ms, left)| json!({ "ms_id": ms, "lease_left_ms": left })),
         "hosts": hosts.iter().filter(|h| h.ha_state != "Available" || h.status != "Up").map(|h| json!({
             "id": h.id, "name": h.name, "status": h.status, "hastate": h.ha_state,
             "since_ms_ago": if h.ha_since_ms > 0 { now - h.ha_since_ms } else { 0 },
