@@ -53,6 +53,11 @@ impl Params {
         self.map.get(name).map(String::as_str).filter(|v| !v.is_empty())
     }
 
+    /// Was the parameter given with an empty value (`hosttags=` clears a host's tags)?
+    pub fn given_empty(&self, name: &str) -> bool {
+        self.map.get(name).is_some_and(|v| v.is_empty())
+    }
+
     pub fn missing(&self, name: &str) -> CsError {
         CsError::param(format!("Unable to execute API command {} due to missing parameter {name}", self.cmd_lc))
     }

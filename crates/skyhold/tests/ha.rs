@@ -173,6 +173,7 @@ fn dead_host_ha_vms_restart_elsewhere() {
     let text = fenced["description"].as_str().unwrap();
     assert!(text.contains("lease expired"), "the proof is named: {text}");
     assert!(!ha.events("HOST.HA.SUSPECT").is_empty());
+    assert!(ha.events("HOST.HA.DEGRADED").is_empty(), "a dead host is never judged alive");
     let restarts = wait_for(Duration::from_secs(10), || {
         let e = ha.events("VM.HA.RESTART");
         (e.len() >= 3).then_some(e)
@@ -196,6 +197,10 @@ fn dead_host_ha_vms_restart_elsewhere() {
     for id in &ha_vms {
         assert_eq!(running.get(id).map(String::as_str), Some("c-h0"), "ledger: {id} runs on c");
     }
+    // Taking the tag off the last ha.tag host raises an alert at once.
+    ha.c.ok("updateHost", &[("id", &hc), ("hosttags", "")]);
+    let alerts = ha.c.ok("listAlerts", &[])["alert"].as_array().cloned().unwrap_or_default();
+    assert!(alerts.iter().any(|a| a["subject"].as_str().unwrap_or("").contains("HA.TAG.UNUSED")), "{alerts:?}");
 }
 
 /// A host cut off from the management servers but alive (its neighbours reach it, its storage
@@ -563,6 +568,10 @@ fn coordinator_killed_during_ha_restarts() {
     })
     .unwrap_or_else(|| panic!("work done: {}", ha.ha_status()));
     assert_ne!(st["coordinator"]["ms_id"], coord.as_str(), "{st}");
+    // The hosts whose agents moved from the dead server were never suspected.
+    for e in ha.events("HOST.HA.SUSPECT") {
+        assert!(e["description"].as_str().unwrap_or("").contains("a-h0"), "only the dead host is suspect: {e}");
+    }
     // Exactly one start per VM outside the dead host.
     let l = ha.c.ledger_entries();
     for id in &vms {

@@ -147,8 +147,7 @@ pub async fn migrate(ctx: &Ctx<'_>) -> HResult {
     let vm = ctx.p.req_uuid("virtualmachineid")?;
     let host = ctx.p.uuid("hostid")?;
     let params = json!({ "hostid": host });
-    let job_id =
-        ctx.core.vm_queue_job(ctx.caller, &vm, skyhold_core::vm::cmd::MIGRATE, params).await.map_err(cs)?;
+    let job_id = ctx.core.vm_queue_job(ctx.caller, &vm, skyhold_core::vm::cmd::MIGRATE, params).await.map_err(cs)?;
     Ok(Reply::Async { job_id, id: None })
 }
 

@@ -236,6 +236,7 @@ pub async fn update_host(ctx: &Ctx<'_>) -> HResult {
         Some(_) => return Err(p.invalid("allocationstate", "must be Enable or Disable")),
     };
     let tags = match p.text("hosttags", 255)? {
+        None if p.given_empty("hosttags") => Some(String::new()),
         None => None,
         Some(t) => {
             let list: Vec<&str> = t.split(',').map(str::trim).filter(|x| !x.is_empty()).collect();

@@ -25,8 +25,10 @@ pub struct Evidence {
     pub connected: bool,
     /// This round's answers (neighbours that did not answer are absent).
     pub answers: Vec<Answer>,
-    /// Highest heartbeat counter recorded for the host.
-    pub hb_counter: i64,
+    /// The heartbeat counter known before this round: recorded from the host's own pings, or read
+    /// by neighbours in an earlier round of this suspicion (None: no reading to compare with yet,
+    /// so no reading can show that the counter *advances*).
+    pub baseline: Option<i64>,
     /// Database time since the counter last advanced (None: never saw a heartbeat).
     pub hb_silent_ms: Option<i64>,
     /// Out-of-band management configured and enabled.
@@ -59,7 +61,9 @@ pub fn decide(e: &Evidence) -> Verdict {
     if let Some(a) = e.answers.iter().find(|a| a.reachable == Some(true)) {
         return Verdict::Alive(format!("reachable from {}", a.neighbour));
     }
-    if let Some(a) = e.answers.iter().find(|a| a.storage_ok && a.heartbeat.is_some_and(|h| h > e.hb_counter)) {
+    if let Some(b) = e.baseline
+        && let Some(a) = e.answers.iter().find(|a| a.storage_ok && a.heartbeat.is_some_and(|h| h > b))
+    {
         return Verdict::Alive(format!("still writing its storage heartbeat (seen by {})", a.neighbour));
     }
     if e.oob_enabled && !e.oob_failed {
@@ -95,7 +99,7 @@ mod tests {
         Evidence {
             connected: false,
             answers,
-            hb_counter: 10,
+            baseline: Some(10),
             hb_silent_ms: silent,
             oob_enabled: oob,
             oob_failed,
@@ -131,6 +135,8 @@ mod tests {
             (ev(vec![dead_net.clone()], None, true, true), "unknown"),
             // Unreachable is not dead: an unknown network answer alone proves nothing.
             (ev(vec![ans(None, Some(10), true)], Some(1_000), false, false), "wait"),
+            // A first look at a counter never recorded before is not "advancing": wait.
+            (Evidence { baseline: None, ..ev(vec![ans(Some(false), Some(7), true)], Some(0), false, false) }, "wait"),
         ];
         for (e, want) in cases {
             let got = decide(&e);

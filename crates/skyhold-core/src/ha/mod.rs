@@ -55,6 +55,8 @@ struct State {
     oob_failed: HashMap<String, String>,
     /// Per host: the last verdict recorded as an event (so events mark changes, not rounds).
     said: HashMap<String, String>,
+    /// Per host: the highest heartbeat counter neighbours read in earlier rounds of this suspicion.
+    read: HashMap<String, i64>,
 }
 
 /// Run the coordinator role (when this server holds the lock) until the process ends.
@@ -111,6 +113,7 @@ async fn tick(core: &Core, st: &mut State) -> Result<(), CoreError> {
                 st.checked.remove(&h.id);
                 st.oob_failed.remove(&h.id);
                 st.said.remove(&h.id);
+                st.read.remove(&h.id);
             }
             ("Disconnected", "Available") | ("Alert", "Available") if now - h.disconnected_ms >= grace => {
                 let moved = retry_tx!(core.db(), |tx| {
@@ -192,12 +195,23 @@ async fn judge(
     answers: Vec<Answer>,
     now: i64,
 ) -> Result<(), CoreError> {
-    // A neighbour that saw the counter advance renews the host's heartbeat record.
-    if let Some(max) = answers.iter().filter(|a| a.storage_ok).filter_map(|a| a.heartbeat).max()
-        && max > h.hb_counter
-    {
-        let mut c = core.db().conn().await?;
-        hostha::host_hb_observe(&mut c, &h.id, max).await?;
+    // What to compare this round's readings with: the counter the host's own pings recorded, or
+    // what neighbours read in an earlier round.
+    let earlier = st.read.get(&h.id).copied();
+    let baseline = match (h.hb_seen_ms > 0, earlier) {
+        (true, Some(r)) => Some(r.max(h.hb_counter)),
+        (true, None) => Some(h.hb_counter),
+        (false, r) => r,
+    };
+    // A neighbour that saw the counter move renews the host's heartbeat record (the lease then
+    // counts from now: conservative when the record was stale).
+    let max_read = answers.iter().filter(|a| a.storage_ok).filter_map(|a| a.heartbeat).max();
+    if let Some(max) = max_read {
+        st.read.insert(h.id.clone(), earlier.map_or(max, |e| e.max(max)));
+        if max > h.hb_counter {
+            let mut c = core.db().conn().await?;
+            hostha::host_hb_observe(&mut c, &h.id, max).await?;
+        }
     }
     let oob = {
         let mut c = core.db().conn().await?;
@@ -207,7 +221,7 @@ async fn judge(
     let mut ev = Evidence {
         connected: false,
         answers: answers.clone(),
-        hb_counter: h.hb_counter,
+        baseline,
         hb_silent_ms: (h.hb_seen_ms > 0).then_some(now - h.hb_seen_ms),
         oob_enabled: oob.as_ref().is_some_and(|o| o.enabled),
         oob_failed: st.oob_failed.contains_key(&h.id),

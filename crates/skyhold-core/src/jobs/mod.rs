@@ -14,9 +14,9 @@
 
 mod host_maintenance;
 mod vm_destroy;
+mod vm_migrate;
 mod vm_reboot;
 mod vm_start;
-mod vm_migrate;
 mod vm_stop;
 
 use crate::agents::SendError;

@@ -53,7 +53,12 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                 let Some(vm) = vm else {
                     return super::fail_job(ctx, ErrorCode::Internal, "the VM disappeared while migrating").await;
                 };
-                let cmd = Command::StartVm { vm_id: vm.id.clone(), name: vm.name.clone(), cpu: vm.cpu as u32, mem_mb: vm.mem_mb as u64 };
+                let cmd = Command::StartVm {
+                    vm_id: vm.id.clone(),
+                    name: vm.name.clone(),
+                    cpu: vm.cpu as u32,
+                    mem_mb: vm.mem_mb as u64,
+                };
                 match ctx.agent(&dst, 2, cmd).await? {
                     AgentOutcome::Done(PowerState::Running) => step = save(ctx, 3, &state).await?,
                     AgentOutcome::Done(_) => {
@@ -92,8 +97,15 @@ pub async fn run(ctx: &mut JobCtx) -> Result<Outcome, CoreError> {
                 let owner = ctx.owner();
                 return retry_tx!(ctx.core.db(), |tx| {
                     async {
-                        if !vm_transition(&mut tx, &vm_id, &["Migrating"], "Running", HostChange::Set(dst.clone()), None)
-                            .await?
+                        if !vm_transition(
+                            &mut tx,
+                            &vm_id,
+                            &["Migrating"],
+                            "Running",
+                            HostChange::Set(dst.clone()),
+                            None,
+                        )
+                        .await?
                         {
                             return Err(CoreError::LeaseLost);
                         }
@@ -155,8 +167,15 @@ async fn give_up(ctx: &JobCtx, src: &str, dst: &str, why: &str) -> Result<Outcom
     retry_tx!(ctx.core.db(), |tx| {
         async {
             vm_transition(&mut tx, &vm_id, &["Migrating"], "Running", HostChange::Keep, None).await?;
-            crate::events::record(&mut tx, &owner, "VM.MIGRATE", "WARN", text.clone(), Some(("VirtualMachine", &vm_id)))
-                .await?;
+            crate::events::record(
+                &mut tx,
+                &owner,
+                "VM.MIGRATE",
+                "WARN",
+                text.clone(),
+                Some(("VirtualMachine", &vm_id)),
+            )
+            .await?;
             ctx.fail(&mut tx, ErrorCode::Internal, &text).await?;
             Ok::<_, CoreError>(Outcome::Done)
         }
