@@ -282,7 +282,9 @@ impl Endpoints {
         }
         let cur = self.active.load(Ordering::SeqCst);
         let since = self.failed_over_at.lock().ok().and_then(|t| *t).map(|t| t.elapsed());
-        let next = choose(policy, &healthy, cur, since);
+        let caught_up: Vec<bool> =
+            statuses.iter().map(|s| s.replication.as_ref() == Some(&ReplCondition::Ok)).collect();
+        let next = choose(policy, &healthy, &caught_up, cur, since);
         if next != cur {
             let from = self.eps[cur].0.clone();
             let to = self.eps[next].0.clone();
@@ -303,8 +305,18 @@ impl Endpoints {
 }
 
 /// Which endpoint to use (pure; tested). `since_failover` is the time since the last move away
-/// from the primary (replication failback).
-pub fn choose(policy: Policy, healthy: &[bool], cur: usize, since_failover: Option<Duration>) -> usize {
+/// from the primary (replication failback). `caught_up[i]`: endpoint `i` replicates, and is not
+/// broken or lagging. Replication fails back to the primary only when it has caught up with what
+/// was written elsewhere meanwhile (a two-way pair); a returning old primary that replicates from
+/// nobody (a one-way pair after a promotion) holds stale data and is not written to while the
+/// current node is healthy.
+pub fn choose(
+    policy: Policy,
+    healthy: &[bool],
+    caught_up: &[bool],
+    cur: usize,
+    since_failover: Option<Duration>,
+) -> usize {
     let first = healthy.iter().position(|h| *h);
     match policy.topology {
         // Everyone on the same node: the first healthy one in the configured order.
@@ -313,6 +325,7 @@ pub fn choose(policy: Policy, healthy: &[bool], cur: usize, since_failover: Opti
             let cur_ok = healthy.get(cur).copied().unwrap_or(false);
             if cur != 0
                 && healthy.first().copied().unwrap_or(false)
+                && (!cur_ok || caught_up.first().copied().unwrap_or(false))
                 && since_failover.is_none_or(|d| d >= policy.retry_master_after)
             {
                 return 0;
@@ -523,23 +536,28 @@ mod tests {
     #[test]
     fn galera_everyone_on_the_first_healthy_node() {
         let g = p(Topology::Galera, 0);
-        assert_eq!(choose(g, &[true, true, true], 2, None), 0);
-        assert_eq!(choose(g, &[false, true, true], 0, None), 1);
-        assert_eq!(choose(g, &[false, false, true], 1, None), 2);
+        assert_eq!(choose(g, &[true, true, true], &[true, true, true], 2, None), 0);
+        assert_eq!(choose(g, &[false, true, true], &[true, true, true], 0, None), 1);
+        assert_eq!(choose(g, &[false, false, true], &[true, true, true], 1, None), 2);
         // Nothing healthy: stay (and keep failing until something is).
-        assert_eq!(choose(g, &[false, false, false], 1, None), 1);
+        assert_eq!(choose(g, &[false, false, false], &[true, true, true], 1, None), 1);
     }
 
     #[test]
     fn replication_follows_the_writable_node_and_fails_back_late() {
         let r = p(Topology::Replication, 60);
-        assert_eq!(choose(r, &[true, false], 0, None), 0);
-        assert_eq!(choose(r, &[false, true], 0, None), 1, "primary lost: the writable replica");
-        assert_eq!(choose(r, &[false, false], 0, None), 0, "never to a read-only node");
+        assert_eq!(choose(r, &[true, false], &[true, true], 0, None), 0);
+        assert_eq!(choose(r, &[false, true], &[true, true], 0, None), 1, "primary lost: the writable replica");
+        assert_eq!(choose(r, &[false, false], &[true, true], 0, None), 0, "never to a read-only node");
         // The old primary is back, but the retry period has not passed: stay.
-        assert_eq!(choose(r, &[true, true], 1, Some(Duration::from_secs(10))), 1);
-        assert_eq!(choose(r, &[true, true], 1, Some(Duration::from_secs(61))), 0);
+        assert_eq!(choose(r, &[true, true], &[true, true], 1, Some(Duration::from_secs(10))), 1);
+        assert_eq!(choose(r, &[true, true], &[true, true], 1, Some(Duration::from_secs(61))), 0);
         // The replica died meanwhile: back to the primary at once.
-        assert_eq!(choose(r, &[true, false], 1, Some(Duration::from_secs(1))), 0);
+        assert_eq!(choose(r, &[true, false], &[true, true], 1, Some(Duration::from_secs(1))), 0);
+        // A one-way pair after a promotion: the old primary came back writable but replicates from
+        // nobody (stale): never fail back to it while the promoted node is healthy.
+        assert_eq!(choose(r, &[true, true], &[false, false], 1, Some(Duration::from_secs(7200))), 1);
+        // ... unless the promoted node is lost too.
+        assert_eq!(choose(r, &[true, false], &[false, false], 1, Some(Duration::from_secs(7200))), 0);
     }
 }
