@@ -135,6 +135,9 @@ pub struct EndpointStatus {
     pub replica: Option<ReplicaState>,
     /// Replication: the condition judged from `replica` (None: not a replica, or not readable).
     pub replication: Option<ReplCondition>,
+    /// Replication, writable nodes: the newest management-server heartbeat stored on this node
+    /// (epoch ms). Where servers write, it is fresh; on a stale old primary it is old.
+    pub freshness: Option<i64>,
 }
 
 pub struct Endpoints {
@@ -145,6 +148,8 @@ pub struct Endpoints {
     wake: tokio::sync::Notify,
     failed_over_at: Mutex<Option<Instant>>,
     notices: Mutex<Vec<DbNotice>>,
+    /// Set once the first probe round chose an endpoint.
+    chosen: std::sync::atomic::AtomicBool,
     /// One monitoring connection per endpoint, outside the pools: a probe must fail at once on a
     /// dead node (a pool keeps retrying the connect until its acquire timeout).
     probe_conns: Vec<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>,
@@ -173,6 +178,7 @@ impl Endpoints {
                 cluster_size: None,
                 replica: None,
                 replication: None,
+                freshness: None,
             })
             .collect();
         Endpoints {
@@ -183,6 +189,7 @@ impl Endpoints {
             wake: tokio::sync::Notify::new(),
             failed_over_at: Mutex::new(None),
             notices: Mutex::new(Vec::new()),
+            chosen: std::sync::atomic::AtomicBool::new(false),
             probe_conns: (0..n).map(|_| tokio::sync::Mutex::new(None)).collect(),
         }
     }
@@ -264,6 +271,7 @@ impl Endpoints {
                 cluster_size: p.cluster_size,
                 replication: p.replica.as_ref().map(|r| r.condition(policy.lag_alert)),
                 replica: p.replica,
+                freshness: p.freshness,
             })
             .collect();
         let healthy: Vec<bool> = statuses.iter().map(|s| s.healthy).collect();
@@ -278,6 +286,23 @@ impl Endpoints {
                     _ => tracing::warn!(endpoint = %new.name, "{cond}"),
                 }
                 self.notify(DbNotice::Replication { endpoint: new.name.clone(), condition: cond.clone() });
+            }
+        }
+        if !self.chosen.swap(true, Ordering::SeqCst) && policy.topology == Topology::Replication {
+            // First choice of this process: several writable nodes may be a healthy two-way pair
+            // (same data: keep the configured order) or a stale old primary next to the promoted
+            // node. Start where the cluster's newest state is.
+            if let Some(i) = freshest(&statuses)
+                && i != self.active.load(Ordering::SeqCst)
+            {
+                tracing::warn!(
+                    endpoint = %self.eps[i].0,
+                    "starting on this endpoint: several are writable and it holds the newest cluster state"
+                );
+                self.active.store(i, Ordering::SeqCst);
+                if let Ok(mut t) = self.failed_over_at.lock() {
+                    *t = Some(Instant::now());
+                }
             }
         }
         let cur = self.active.load(Ordering::SeqCst);
@@ -335,6 +360,17 @@ pub fn choose(
     }
 }
 
+/// Among healthy endpoints, the one whose stored management-server heartbeats are the newest, if
+/// it is strictly newer than every other healthy one (pure; tested).
+pub fn freshest(statuses: &[EndpointStatus]) -> Option<usize> {
+    let healthy: Vec<(usize, i64)> =
+        statuses.iter().enumerate().filter(|(_, s)| s.healthy).map(|(i, s)| (i, s.freshness.unwrap_or(0))).collect();
+    let best = healthy.iter().map(|(_, f)| *f).max()?;
+    let mut at_best = healthy.iter().filter(|(_, f)| *f == best);
+    let first = at_best.next()?;
+    if at_best.next().is_some() || healthy.len() < 2 { None } else { Some(first.0) }
+}
+
 /// What one probe of one endpoint found.
 struct Probe {
     healthy: bool,
@@ -342,6 +378,7 @@ struct Probe {
     detail: String,
     cluster_size: Option<i64>,
     replica: Option<ReplicaState>,
+    freshness: Option<i64>,
 }
 
 async fn probe(pool: &AnyPool, slot: &tokio::sync::Mutex<Option<sqlx::AnyConnection>>, topology: Topology) -> Probe {
@@ -372,6 +409,7 @@ async fn probe(pool: &AnyPool, slot: &tokio::sync::Mutex<Option<sqlx::AnyConnect
                 }
                 let healthy = ready == "ON" && state == "Synced" && comp == "Primary";
                 Ok::<_, sqlx::Error>(Probe {
+                    freshness: None,
                     healthy,
                     role: "galera".to_string(),
                     detail: format!(
@@ -409,7 +447,17 @@ async fn probe(pool: &AnyPool, slot: &tokio::sync::Mutex<Option<sqlx::AnyConnect
                         r.lag_s.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into())
                     ));
                 }
-                Ok(Probe { healthy: ro == 0, role: role.to_string(), detail, cluster_size: None, replica })
+                // A fresh database has no such table yet: no freshness, no preference.
+                let freshness = if ro == 0 {
+                    sqlx::query("SELECT CAST(COALESCE(MAX(last_heartbeat_ms), 0) AS SIGNED) FROM management_server")
+                        .fetch_one(&mut *c)
+                        .await
+                        .ok()
+                        .and_then(|r| r.try_get::<i64, _>(0).ok())
+                } else {
+                    None
+                };
+                Ok(Probe { healthy: ro == 0, role: role.to_string(), detail, cluster_size: None, replica, freshness })
             }
         }
     })
@@ -424,6 +472,7 @@ async fn probe(pool: &AnyPool, slot: &tokio::sync::Mutex<Option<sqlx::AnyConnect
         detail,
         cluster_size: None,
         replica: None,
+        freshness: None,
     };
     match res {
         Ok(Ok(v)) => v,
@@ -516,6 +565,28 @@ mod tests {
             lag_s: lag,
             last_error: err.into(),
         }
+    }
+
+    #[test]
+    fn first_choice_prefers_the_node_with_the_newest_cluster_state() {
+        let st = |healthy: bool, f: Option<i64>| EndpointStatus {
+            name: String::new(),
+            active: false,
+            healthy,
+            role: String::new(),
+            detail: String::new(),
+            cluster_size: None,
+            replica: None,
+            replication: None,
+            freshness: f,
+        };
+        // A stale old primary next to the promoted node: start on the promoted one.
+        assert_eq!(freshest(&[st(true, Some(1_000)), st(true, Some(9_000))]), Some(1));
+        // A two-way pair holds the same rows: no preference (the configured order).
+        assert_eq!(freshest(&[st(true, Some(9_000)), st(true, Some(9_000))]), None);
+        // Only one writable node, or none: nothing to prefer here.
+        assert_eq!(freshest(&[st(true, Some(1_000)), st(false, None)]), None);
+        assert_eq!(freshest(&[st(false, None), st(false, None)]), None);
     }
 
     #[test]

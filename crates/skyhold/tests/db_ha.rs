@@ -481,3 +481,63 @@ fn galera_failover_under_load() {
     assert!(err.contains("no database endpoint is usable") && err.contains("component=non-Primary"), "{err}");
     assert!(err.contains("Synced in the Primary component"), "the message says what to do: {err}");
 }
+
+/// A hung replication primary (SIGSTOP, not dead) under load through two servers: the operator
+/// promotes the replica, the servers move to it and every acknowledged job ends once. When the old
+/// primary wakes up it is still writable but replicates from nobody (stale): Skyhold does not fail
+/// back to it even after `secondsBeforeRetryMaster`, and nothing acknowledged is lost.
+#[test]
+fn replication_hung_primary_no_failback_to_stale_node() {
+    if skip("mariadb") {
+        return;
+    }
+    let base = tempfile::tempdir_in(fast_tmp()).unwrap();
+    let skyhold_testkit::Pair { primary, replica } =
+        start_pair(base.path(), "skyhold", "sky").expect("replication running");
+    let props = pair_props(primary.port, replica.port, "")
+        .replace("db.cloud.secondsBeforeRetryMaster=3600", "db.cloud.secondsBeforeRetryMaster=1");
+    let s = Stack::start(&props, 2, 2);
+    let mut jobs = Vec::new();
+    for i in 0..4 {
+        jobs.extend(s.submit(i, &format!("before{i}"), Duration::from_secs(20)));
+    }
+    for j in &jobs {
+        assert_eq!(s.finished(j)["jobstatus"], 1);
+    }
+    wait_caught_up(primary.port, replica.port, Duration::from_secs(20)).expect("replica caught up");
+    let pid = nix::unistd::Pid::from_raw(primary.pid().expect("primary runs") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t0 = Instant::now();
+    assert!(promote(replica.port, Duration::from_secs(2)).unwrap(), "relay log applied");
+    for i in 0..6 {
+        jobs.extend(s.submit(i, &format!("after{i}"), Duration::from_secs(40)));
+    }
+    for j in &jobs {
+        assert_eq!(s.finished(j)["jobstatus"], 1);
+    }
+    eprintln!("hung primary: {} jobs done, {:.1} s after the primary hung", jobs.len(), t0.elapsed().as_secs_f64());
+    // The old primary wakes up: writable, replicating from nobody.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let woke = wait_for(Duration::from_secs(20), || {
+        let st = s.db_status();
+        (st["endpoints"][0]["healthy"] == true).then_some(st)
+    })
+    .expect("old primary answers again");
+    assert_eq!(woke["endpoints"][0]["role"], "primary", "{woke}");
+    // Several monitor rounds past secondsBeforeRetryMaster: the servers stay on the promoted node.
+    let more = s.submit(0, "late", Duration::from_secs(20)).unwrap();
+    assert_eq!(s.finished(&more)["jobstatus"], 1);
+    let cs = s.run(&["cluster", "status", "--json"]);
+    for srv in cs["servers"].as_array().unwrap() {
+        assert!(
+            srv["db_endpoint"].as_str().unwrap().contains(&format!(":{}/", replica.port)),
+            "{cs}\n{}",
+            s.logs().lines().filter(|l| l.contains("failover")).collect::<Vec<_>>().join("\n")
+        );
+    }
+    let ids = jobs.iter().map(|j| format!("'{j}'")).collect::<Vec<_>>().join(",");
+    let n = sql(replica.port, &format!("SELECT COUNT(*) FROM cloud.async_job WHERE id IN ({ids})")).unwrap();
+    assert_eq!(n, jobs.len().to_string(), "every acknowledged job is on the node Skyhold writes to");
+    assert_eq!(sql(primary.port, "SELECT COUNT(*) FROM cloud.vm_instance WHERE name='late'").unwrap(), "0");
+    s.check_ground_truth(replica.port, false);
+}
