@@ -21,6 +21,25 @@ impl HostCap {
     }
 }
 
+/// The planner's view of the hosts in the database.
+pub fn caps_of(hosts: &[skyhold_db::infra::Host]) -> Vec<HostCap> {
+    hosts
+        .iter()
+        .map(|h| HostCap {
+            id: h.id.clone(),
+            zone_id: h.zone_id.clone(),
+            cluster_id: h.cluster_id.clone(),
+            up: h.status == "Up",
+            enabled: h.resource_state == "Enabled",
+            tags: h.tags.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
+            cpu_total: h.cpu_cores,
+            cpu_used: h.used_cpu,
+            mem_total_mb: h.mem_mb,
+            mem_used_mb: h.used_mem_mb,
+        })
+        .collect()
+}
+
 /// What is being placed.
 #[derive(Debug, Clone)]
 pub struct Request<'a> {

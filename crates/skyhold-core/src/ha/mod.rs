@@ -353,24 +353,25 @@ async fn record(
 ) -> Result<(), CoreError> {
     crate::events::record(tx, owner, kind, level, text, Some(("Host", &h.id))).await?;
     if alert {
-        hostha::alert_insert(
-            tx,
-            &Alert {
-                id: uuid::Uuid::new_v4().to_string(),
-                alert_type: ALERT_HOST,
-                name: "ALERT.COMPUTE.HOST".into(),
-                subject: format!("{kind}: host {}", h.name),
-                description: text.to_string(),
-                zone_id: Some(h.zone_id.clone()),
-                pod_id: Some(h.pod_id.clone()),
-                cluster_id: Some(h.cluster_id.clone()),
-                host_id: Some(h.id.clone()),
-                created_ms: 0,
-            },
-        )
-        .await?;
+        hostha::alert_insert(tx, &host_alert(h, kind, text)).await?;
     }
     Ok(())
+}
+
+/// A host alert (CloudStack's ALERT.COMPUTE.HOST).
+fn host_alert(h: &Host, kind: &str, text: &str) -> Alert {
+    Alert {
+        id: uuid::Uuid::new_v4().to_string(),
+        alert_type: ALERT_HOST,
+        name: "ALERT.COMPUTE.HOST".into(),
+        subject: format!("{kind}: host {}", h.name),
+        description: text.to_string(),
+        zone_id: Some(h.zone_id.clone()),
+        pod_id: Some(h.pod_id.clone()),
+        cluster_id: Some(h.cluster_id.clone()),
+        host_id: Some(h.id.clone()),
+        created_ms: 0,
+    }
 }
 
 /// Raise a host alert with an event (outside the coordinator: e.g. the last `ha.tag` host lost
@@ -378,22 +379,7 @@ async fn record(
 pub async fn raise_host_alert(c: &mut dyn skyhold_db::Sql, h: &Host, kind: &str, text: &str) -> Result<(), CoreError> {
     let owner = EventOwner { account_id: String::new(), domain_id: String::new(), user_id: None };
     crate::events::record(c, &owner, kind, "WARN", text, Some(("Host", &h.id))).await?;
-    hostha::alert_insert(
-        c,
-        &Alert {
-            id: uuid::Uuid::new_v4().to_string(),
-            alert_type: ALERT_HOST,
-            name: "ALERT.COMPUTE.HOST".into(),
-            subject: format!("{kind}: host {}", h.name),
-            description: text.to_string(),
-            zone_id: Some(h.zone_id.clone()),
-            pod_id: Some(h.pod_id.clone()),
-            cluster_id: Some(h.cluster_id.clone()),
-            host_id: Some(h.id.clone()),
-            created_ms: 0,
-        },
-    )
-    .await?;
+    hostha::alert_insert(c, &host_alert(h, kind, text)).await?;
     tracing::warn!(host = %h.name, "{text}");
     Ok(())
 }

@@ -14,7 +14,7 @@
 
 use super::{AgentOutcome, JobCtx, Outcome};
 use crate::CoreError;
-use crate::placement::{HostCap, Request, choose_host};
+use crate::placement::{Request, choose_host};
 use serde_json::{Value, json};
 use skyhold_db::retry_tx;
 use skyhold_db::vm::{HostChange, vm_fetch, vm_transition};
@@ -207,21 +207,7 @@ async fn plan(ctx: &JobCtx) -> Result<Option<Value>, CoreError> {
                 ctx.fail(&mut tx, ErrorCode::Internal, "the VM's host no longer exists").await?;
                 return Ok(None);
             };
-            let caps: Vec<HostCap> = hosts
-                .iter()
-                .map(|h| HostCap {
-                    id: h.id.clone(),
-                    zone_id: h.zone_id.clone(),
-                    cluster_id: h.cluster_id.clone(),
-                    up: h.status == "Up",
-                    enabled: h.resource_state == "Enabled",
-                    tags: h.tags.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
-                    cpu_total: h.cpu_cores,
-                    cpu_used: h.used_cpu,
-                    mem_total_mb: h.mem_mb,
-                    mem_used_mb: h.used_mem_mb,
-                })
-                .collect();
+            let caps = crate::placement::caps_of(&hosts);
             let ha_tag = ctx.core.settings().get(skyhold_types::settings::HA_TAG);
             let exclude = vec![src.clone()];
             let req = Request {

@@ -9,7 +9,7 @@
 
 use super::{AgentOutcome, JobCtx, Outcome};
 use crate::CoreError;
-use crate::placement::{HostCap, NoHost, Request, choose_host};
+use crate::placement::{NoHost, Request, choose_host};
 use serde_json::json;
 use skyhold_db::infra::{host_list, host_used_capacity_locked};
 use skyhold_db::retry_tx;
@@ -145,21 +145,7 @@ async fn plan(
                 }
             }
             let hosts = host_list(&mut tx).await?;
-            let caps: Vec<HostCap> = hosts
-                .iter()
-                .map(|h| HostCap {
-                    id: h.id.clone(),
-                    zone_id: h.zone_id.clone(),
-                    cluster_id: h.cluster_id.clone(),
-                    up: h.status == "Up",
-                    enabled: h.resource_state == "Enabled",
-                    tags: h.tags.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
-                    cpu_total: h.cpu_cores,
-                    cpu_used: h.used_cpu,
-                    mem_total_mb: h.mem_mb,
-                    mem_used_mb: h.used_mem_mb,
-                })
-                .collect();
+            let caps = crate::placement::caps_of(&hosts);
             let req = Request {
                 zone_id: &vm.zone_id,
                 cpu: vm.cpu,
