@@ -95,6 +95,14 @@ impl Ha {
         check_ledger(&l)
     }
 
+    /// Cut host `name` off from everything: its management link (through `proxy`), its storage
+    /// mount, and its neighbours (the check listener closes).
+    fn isolate(&self, name: &str, proxy: &TcpProxy) {
+        proxy.cut(Cut::Refuse);
+        std::fs::remove_file(self.c.path(&format!("{name}-mnt"))).unwrap();
+        std::fs::write(self.c.path(&format!("{name}-ctl")).join("isolate"), b"").unwrap();
+    }
+
     fn events(&self, t: &str) -> Vec<Value> {
         self.c.ok("listEvents", &[("type", t), ("pagesize", "500")])["event"].as_array().cloned().unwrap_or_default()
     }
@@ -258,9 +266,7 @@ fn isolated_host_self_fences_then_vms_restart() {
     let host_a = ha.host_id("a");
     let vms: Vec<String> = (0..2).map(|i| ha.deploy_on(&format!("iso{i}"), "HA Instance", &host_a)).collect();
     let t0 = Instant::now();
-    proxy.cut(Cut::Refuse);
-    std::fs::remove_file(ha.c.path("a-mnt")).unwrap();
-    std::fs::write(ha.c.path("a-ctl").join("isolate"), b"").unwrap();
+    ha.isolate("a", &proxy);
     let back = wait_for(Duration::from_secs(90), || {
         vms.iter().all(|id| ha.c.vm(id)["state"] == "Running" && ha.c.vm(id)["hostid"] != host_a.as_str()).then_some(())
     });
@@ -335,9 +341,7 @@ fn ipmi_fencing_and_a_dead_bmc() {
 
     // 1. Host a isolated from everything, its BMC works: fenced through IPMI, no lease wait.
     let t0 = Instant::now();
-    proxy_a.cut(Cut::Refuse);
-    std::fs::remove_file(ha.c.path("a-mnt")).unwrap();
-    std::fs::write(ha.c.path("a-ctl").join("isolate"), b"").unwrap();
+    ha.isolate("a", &proxy_a);
     let back = wait_for(Duration::from_secs(60), || {
         let v = ha.c.vm(&vm_a);
         (v["state"] == "Running" && v["hostid"] != host_a.as_str()).then_some(())
@@ -360,9 +364,7 @@ fn ipmi_fencing_and_a_dead_bmc() {
     // self-fences and the lease proves it dead later.
     bmc_c.stop();
     let t1 = Instant::now();
-    proxy_c.cut(Cut::Refuse);
-    std::fs::remove_file(ha.c.path("c-mnt")).unwrap();
-    std::fs::write(ha.c.path("c-ctl").join("isolate"), b"").unwrap();
+    ha.isolate("c", &proxy_c);
     let failed = ha.wait_event("HOST.HA.FENCE.FAILED", Duration::from_secs(60));
     assert!(failed["description"].as_str().unwrap().contains("no proof from the BMC"), "{failed}");
     assert_eq!(ha.c.vm(&vm_c)["hostid"], host_c.as_str(), "no restart on a BMC failure alone");

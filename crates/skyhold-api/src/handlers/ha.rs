@@ -131,11 +131,7 @@ pub async fn enable_oob(ctx: &Ctx<'_>, enable: bool) -> HResult {
 }
 
 async fn record(ctx: &Ctx<'_>, c: &mut skyhold_db::Conn, host_id: &str, text: String) -> Result<(), CsError> {
-    let owner = skyhold_core::events::EventOwner {
-        account_id: ctx.caller.account_id.clone(),
-        domain_id: ctx.caller.domain_id.clone(),
-        user_id: Some(ctx.caller.user_id.clone()),
-    };
+    let owner = ctx.caller.owner();
     skyhold_core::events::record(c, &owner, "HOST.OOBM.CONFIGURE", "INFO", text, Some(("Host", host_id)))
         .await
         .map_err(cs)

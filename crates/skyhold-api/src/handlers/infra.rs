@@ -255,11 +255,7 @@ pub async fn update_host(ctx: &Ctx<'_>) -> HResult {
     };
     if let Some(t) = &tags {
         skyhold_db::infra::host_set_tags(&mut c, &id, t).await.map_err(db)?;
-        let owner = skyhold_core::events::EventOwner {
-            account_id: ctx.caller.account_id.clone(),
-            domain_id: ctx.caller.domain_id.clone(),
-            user_id: Some(ctx.caller.user_id.clone()),
-        };
+        let owner = ctx.caller.owner();
         skyhold_core::events::record(
             &mut c,
             &owner,
@@ -302,11 +298,7 @@ pub async fn update_host(ctx: &Ctx<'_>) -> HResult {
             ));
         }
         skyhold_db::infra::host_set_resource_state(&mut c, &id, st).await.map_err(db)?;
-        let owner = skyhold_core::events::EventOwner {
-            account_id: ctx.caller.account_id.clone(),
-            domain_id: ctx.caller.domain_id.clone(),
-            user_id: Some(ctx.caller.user_id.clone()),
-        };
+        let owner = ctx.caller.owner();
         skyhold_core::events::record(
             &mut c,
             &owner,

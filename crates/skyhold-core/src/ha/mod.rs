@@ -672,60 +672,30 @@ async fn run_work(core: &Core, owner: &EventOwner, now: i64) -> Result<(), CoreE
     Ok(())
 }
 
+/// End a pending work item without a restart (the VM is gone, started meanwhile, or busy).
+async fn close_pending(tx: &mut skyhold_db::Tx, w: &Work, to: &str, why: &str) -> Result<bool, CoreError> {
+    let m = hostha::WorkMove { to, attempts: w.attempts, job_id: None, next_try_ms: 0, last_error: Some(why) };
+    Ok(hostha::work_update(tx, &w.id, "Pending", m).await?)
+}
+
 /// Turn a pending work item into a start job (one transaction; true if a job was queued).
 async fn submit_restart(core: &Core, w: &Work) -> Result<bool, CoreError> {
     let ha_tag = core.settings().get(keys::HA_TAG);
     retry_tx!(core.db(), |tx| {
         async {
             let Some(vm) = skyhold_db::vm::vm_fetch(&mut tx, &w.vm_id).await? else {
-                hostha::work_update(
-                    &mut tx,
-                    &w.id,
-                    "Pending",
-                    hostha::WorkMove {
-                        to: "Cancelled",
-                        attempts: w.attempts,
-                        job_id: None,
-                        next_try_ms: 0,
-                        last_error: Some("VM expunged"),
-                    },
-                )
-                .await?;
+                close_pending(&mut tx, w, "Cancelled", "VM expunged").await?;
                 return Ok::<_, CoreError>(false);
             };
             match vm.state.as_str() {
                 "Stopped" | "Error" => {}
                 "Running" | "Starting" => {
-                    hostha::work_update(
-                        &mut tx,
-                        &w.id,
-                        "Pending",
-                        hostha::WorkMove {
-                            to: "Done",
-                            attempts: w.attempts,
-                            job_id: None,
-                            next_try_ms: 0,
-                            last_error: Some("started meanwhile"),
-                        },
-                    )
-                    .await?;
+                    close_pending(&mut tx, w, "Done", "started meanwhile").await?;
                     return Ok(false);
                 }
                 other => {
                     let why = format!("VM is {other}");
-                    hostha::work_update(
-                        &mut tx,
-                        &w.id,
-                        "Pending",
-                        hostha::WorkMove {
-                            to: "Cancelled",
-                            attempts: w.attempts,
-                            job_id: None,
-                            next_try_ms: 0,
-                            last_error: Some(&why),
-                        },
-                    )
-                    .await?;
+                    close_pending(&mut tx, w, "Cancelled", &why).await?;
                     return Ok(false);
                 }
             }

@@ -503,19 +503,8 @@ pub fn chrono_like_now_plus(secs: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}+0000")
 }
 
-/// Poll `f` every 20 ms until it yields, or give up after `within`.
-pub fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// Call `f` every 20 ms until it returns `Some`, for at most `within` (the test-support crate's).
+pub use skyhold_testkit::wait_for;
 
 /// Every entry of an agent ledger file (JSON lines).
 pub fn read_ledger(path: &Path) -> Vec<Value> {
