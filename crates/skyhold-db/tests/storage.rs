@@ -11,6 +11,7 @@ use skyhold_db::account::{self, Account, Domain, NewUser, Session};
 use skyhold_db::config::{config_list, config_set, config_version, meta_get, meta_set};
 use skyhold_db::crypto::{self, Key};
 use skyhold_db::event::{self, Event, EventFilter};
+use skyhold_db::hostha::{self, Alert, Oob, Work, WorkMove};
 use skyhold_db::infra::{self, Cluster, HostConnect, Offering, Pod, Template, Zone};
 use skyhold_db::job::{self, NewJob};
 use skyhold_db::migrate::{self, LATEST};
@@ -134,6 +135,7 @@ backends! {
     crypto_secrets_in_users => sqlite_crypto_secrets_in_users, mysql_crypto_secrets_in_users;
     cluster_locks => sqlite_cluster_locks, mysql_cluster_locks;
     membership_down_and_takeover => sqlite_membership_down_and_takeover, mysql_membership_down_and_takeover;
+    host_ha_rows => sqlite_host_ha_rows, mysql_host_ha_rows;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1769,4 +1771,109 @@ async fn membership_down_and_takeover(db: Db) {
     assert!(ms::ms_cancel_drain(&mut c, "ms-a").await.unwrap());
     assert!(!ms::ms_transition(&mut c, "ms-a", "run-b", "PreparingForShutdown", "ReadyForShutdown").await.unwrap());
     assert_eq!(ms::ms_fetch(&mut c, "ms-a").await.unwrap().unwrap().state, "Up");
+}
+
+/// Host HA rows: heartbeat observations only move forward, the fence mark refuses a connected
+/// host, HA moves are conditional, out-of-band settings upsert, work items move conditionally,
+/// alerts page newest first with their total.
+async fn host_ha_rows(db: Db) {
+    let fx = fixture(&db).await;
+    let (id, g) = take_host(&db, &host_connect(&fx, "guid-ha"), "ms-a").await;
+    let mut c = db.conn().await.unwrap();
+    let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
+    assert_eq!((h.ha_state.as_str(), h.hb_counter, h.hb_seen_ms, h.disconnected_ms), ("Available", 0, 0, 0));
+    assert_eq!(h.check_addr, "192.0.2.10:7");
+    assert!(hostha::host_hb_observe(&mut c, &id, 5).await.unwrap());
+    assert!(!hostha::host_hb_observe(&mut c, &id, 5).await.unwrap(), "not advancing");
+    assert!(!hostha::host_hb_observe(&mut c, &id, 3).await.unwrap(), "never backwards");
+    let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
+    assert_eq!(h.hb_counter, 5);
+    assert!(h.hb_seen_ms > 0);
+    // Connected: never fenced.
+    assert!(!hostha::host_mark_fenced(&mut c, &id).await.unwrap());
+    assert!(infra::host_disconnect(&mut c, &id, "ms-a", g).await.unwrap());
+    let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
+    assert_eq!(h.status, "Disconnected");
+    assert!(h.disconnected_ms > 0);
+    assert!(!hostha::host_ha_move(&mut c, &id, &["Suspect"], "Fencing", None).await.unwrap());
+    assert!(hostha::host_ha_move(&mut c, &id, &["Available"], "Suspect", Some("Alert")).await.unwrap());
+    assert!(hostha::host_mark_fenced(&mut c, &id).await.unwrap());
+    let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
+    assert_eq!((h.status.as_str(), h.ha_state.as_str()), ("Down", "Fenced"));
+    // The agent comes back: Up and Available again.
+    drop(c);
+    take_host(&db, &host_connect(&fx, "guid-ha"), "ms-b").await;
+    let mut c = db.conn().await.unwrap();
+    let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
+    assert_eq!((h.status.as_str(), h.ha_state.as_str(), h.disconnected_ms), ("Up", "Available", 0));
+
+    let mut o = Oob {
+        host_id: id.clone(),
+        driver: "ipmitool".into(),
+        address: "10.0.0.9".into(),
+        port: 623,
+        username: "admin".into(),
+        password_enc: "v2:x".into(),
+        enabled: false,
+        power_state: "Unknown".into(),
+    };
+    hostha::oob_upsert(&mut c, &o).await.unwrap();
+    o.address = "10.0.0.10".into();
+    hostha::oob_upsert(&mut c, &o).await.unwrap();
+    assert!(hostha::oob_set_enabled(&mut c, &id, true).await.unwrap());
+    assert!(!hostha::oob_set_enabled(&mut c, "no-such-host", true).await.unwrap());
+    let got = hostha::oob_fetch(&mut c, &id).await.unwrap().unwrap();
+    assert_eq!((got.address.as_str(), got.enabled), ("10.0.0.10", true));
+    assert_eq!(hostha::oob_list(&mut c).await.unwrap().len(), 1);
+
+    let w = Work {
+        id: "w1".into(),
+        vm_id: "vm-1".into(),
+        host_id: id.clone(),
+        zone_id: fx.zone.clone(),
+        cluster_id: fx.cluster.clone(),
+        kind: "Restart".into(),
+        reason: "host fenced".into(),
+        state: "Pending".into(),
+        attempts: 0,
+        job_id: None,
+        next_try_ms: 0,
+        last_error: None,
+        created_ms: 0,
+        updated_ms: 0,
+        completed_ms: None,
+    };
+    hostha::work_insert(&mut c, &w).await.unwrap();
+    let run = WorkMove { to: "Running", attempts: 0, job_id: Some("job-1"), next_try_ms: 0, last_error: None };
+    assert!(hostha::work_update(&mut c, "w1", "Pending", run).await.unwrap());
+    assert!(!hostha::work_update(&mut c, "w1", "Pending", run).await.unwrap(), "one winner");
+    let done = WorkMove { to: "Done", attempts: 1, job_id: Some("job-1"), next_try_ms: 0, last_error: None };
+    assert!(hostha::work_update(&mut c, "w1", "Running", done).await.unwrap());
+    let all = hostha::work_of_vm(&mut c, "vm-1").await.unwrap();
+    assert_eq!((all[0].state.as_str(), all[0].attempts, all[0].job_id.as_deref()), ("Done", 1, Some("job-1")));
+    assert!(all[0].completed_ms.is_some());
+    assert!(hostha::work_list(&mut c, hostha::WORK_ACTIVE, 10).await.unwrap().is_empty());
+    assert_eq!(hostha::work_counts(&mut c).await.unwrap(), vec![("Done".to_string(), 1)]);
+
+    for i in 0..3 {
+        let a = Alert {
+            id: format!("alert-{i}"),
+            alert_type: if i == 2 { 8 } else { 7 },
+            name: "ALERT.COMPUTE.HOST".into(),
+            subject: format!("subject {i}"),
+            description: "d".into(),
+            zone_id: Some(fx.zone.clone()),
+            pod_id: None,
+            cluster_id: None,
+            host_id: Some(id.clone()),
+            created_ms: 0,
+        };
+        hostha::alert_insert(&mut c, &a).await.unwrap();
+    }
+    let (page, total) = hostha::alert_list(&mut c, None, None, None, Page { page: 1, size: 2 }).await.unwrap();
+    assert_eq!((page.len(), total, page[0].id.as_str()), (2, 3, "alert-2"), "newest first");
+    let (only, total) = hostha::alert_list(&mut c, Some(7), None, None, Page { page: 1, size: 10 }).await.unwrap();
+    assert_eq!((only.len(), total), (2, 2));
+    let (one, _) = hostha::alert_list(&mut c, None, None, Some("alert-1"), Page { page: 1, size: 10 }).await.unwrap();
+    assert_eq!(one[0].subject, "subject 1");
 }

@@ -1,24 +1,9 @@
 //! The CloudStack API end to end: the real binary, a real simulator agent, SQLite and MariaDB.
 
+#[macro_use]
 mod common;
 use common::*;
 use serde_json::Value;
-
-/// Generate a SQLite and a MariaDB test from one body taking a `Backend`.
-macro_rules! both {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn sqlite() {
-                super::$name(super::Backend::Sqlite)
-            }
-            #[test]
-            fn mysql() {
-                super::$name(super::Backend::MySql)
-            }
-        }
-    };
-}
 
 fn vm_lifecycle(b: Backend) {
     let Some(c) = Cloud::start(b, 2) else { return };

@@ -5,6 +5,7 @@
 //! with its generation): whatever the servers say, no `(job, step, host)` may be executed twice,
 //! no VM may run on two hosts, and the database's view of every VM must match the agent's.
 
+#[macro_use]
 mod common;
 use common::*;
 use rand::Rng;
@@ -13,22 +14,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-/// Generate a SQLite and a MariaDB test from one body taking a `Backend`.
-macro_rules! both {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn sqlite() {
-                super::$name(super::Backend::Sqlite)
-            }
-            #[test]
-            fn mysql() {
-                super::$name(super::Backend::MySql)
-            }
-        }
-    };
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers

@@ -5,6 +5,7 @@
 //! Ground truth afterwards: the agents' ledger (no VM ever running on two hosts; a killed agent's
 //! VMs are dead from the moment of the kill, recorded by the test) and the API's view.
 
+#[macro_use]
 mod common;
 use common::*;
 use serde_json::{Value, json};
@@ -405,9 +406,8 @@ fn restart_ts(ha: &Ha, vm: &str) -> u64 {
 
 /// A VM that crashes on a healthy host restarts, on the same host first; a primary storage
 /// outage stops every VM of the cluster and the HA ones come back when the storage does.
-#[test]
-fn crashed_vm_and_storage_outage() {
-    let Some(mut ha) = Ha::start(backend()) else { return };
+fn crashed_vm_and_storage_outage(b: Backend) {
+    let Some(mut ha) = Ha::start(b) else { return };
     ha.c.allow_error_logs = true;
     ha.set("restart.retry.interval", "2");
     ha.set("max.retries", "20");
@@ -468,9 +468,8 @@ fn crashed_vm_and_storage_outage() {
 /// migration fails keeps running where it was (ErrorInMaintenance, with an event);
 /// `cancelHostMaintenance` returns the host; `migrateVirtualMachine` moves a VM back. The ledger
 /// never shows a VM on two hosts.
-#[test]
-fn maintenance_migrates_vms_away() {
-    let Some(mut ha) = Ha::start(backend()) else { return };
+fn maintenance_migrates_vms_away(b: Backend) {
+    let Some(mut ha) = Ha::start(b) else { return };
     ha.c.allow_error_logs = true;
     ha.agent("a", None, &[]);
     ha.agent("b", None, &["--fail", "start=stuck"]);
@@ -585,3 +584,6 @@ fn coordinator_killed_during_ha_restarts() {
     }
     ha.check_ledger();
 }
+
+both!(crashed_vm_and_storage_outage);
+both!(maintenance_migrates_vms_away);

@@ -7,6 +7,24 @@
 //! that variable MariaDB tests are skipped locally and fail under CI (`CI` set).
 #![allow(dead_code)]
 
+/// `both!(test_fn)`: one `#[test]` per backend (`test_fn::sqlite`, `test_fn::mysql`), each calling
+/// `test_fn(Backend)`. Use with `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name(super::Backend::Sqlite)
+            }
+            #[test]
+            fn mysql() {
+                super::$name(super::Backend::MySql)
+            }
+        }
+    };
+}
+
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
