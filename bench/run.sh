@@ -3,16 +3,21 @@
 #
 #   bench/run.sh [extra skyhold-bench args, e.g. --duration-secs 30 --json-out bench.json]
 #   bench/run.sh cluster [extra skyhold-bench-cluster args, e.g. --rounds 20 --backend both]
+#   bench/run.sh db [extra skyhold-bench-db args, e.g. --kills 20 --json-out db.json]
 #
 # With `cluster` as the first argument it runs the failover and membership-load benchmark
-# (skyhold-bench-cluster, MariaDB by default) instead of the API benchmark.
+# (skyhold-bench-cluster, MariaDB by default) instead of the API benchmark. With `db` it runs the
+# database-HA benchmark (skyhold-bench-db: Galera node and replication primary kills, async-job
+# throughput per backend); that one starts its own Galera cluster and replication pair (it needs
+# galera-4 and rsync too) and uses the throwaway MariaDB as its single-MariaDB backend.
 #
 # Steps:
 #   1. start a private MariaDB server exactly as scripts/test.sh does: datadir in /dev/shm, a random
 #      free port on 127.0.0.1, user skyhold/skyhold (it is stopped by PID and deleted on exit)
 #   2. cargo build --release -p skyhold -p skyhold-bench
 #   3. target/release/skyhold-bench --backend both --mysql-url mysql://skyhold:skyhold@127.0.0.1:PORT "$@"
-#      (or target/release/skyhold-bench-cluster --mysql-url ... "$@" with `cluster`)
+#      (or target/release/skyhold-bench-cluster --mysql-url ... "$@" with `cluster`,
+#      target/release/skyhold-bench-db --mysql-url ... "$@" with `db`)
 #
 # Needs mariadbd, mariadb and mariadb-install-db (Debian: apt-get install mariadb-server
 # mariadb-client; scripts/test.sh installs them).
@@ -204,6 +209,10 @@ fi
 if [ "${1:-}" = cluster ]; then
     shift
     run_step target/release/skyhold-bench-cluster --skyhold target/release/skyhold \
+        --mysql-url "$MYSQL_URL" "$@"
+elif [ "${1:-}" = db ]; then
+    shift
+    run_step target/release/skyhold-bench-db --skyhold target/release/skyhold \
         --mysql-url "$MYSQL_URL" "$@"
 else
     run_step target/release/skyhold-bench --skyhold target/release/skyhold \
