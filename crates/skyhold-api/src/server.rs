@@ -143,9 +143,17 @@ async fn handle(core: &Core, headers: &axum::http::HeaderMap, p: Params) -> Resp
             Err(e) => reply::error(&key, &e),
         };
     }
-    let (caller, sid) = match crate::auth::authenticate(core, headers, &p, name == "logout").await {
-        Ok(c) => c,
-        Err(e) => return reply::error(&key, &e),
+    // During a database failover, reads wait (bounded) instead of failing: the credential check,
+    // and read-only commands (a rerun of a read changes nothing).
+    let failover_deadline = std::time::Instant::now() + FAILOVER_RETRY;
+    let (caller, sid) = loop {
+        match crate::auth::authenticate(core, headers, &p, name == "logout").await {
+            Ok(c) => break c,
+            Err(e) if db_unavailable(core, &e) && std::time::Instant::now() < failover_deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => return reply::error(&key, &e),
+        }
     };
     if name == "logout" {
         return match crate::auth::logout(core, sid.as_deref()).await {
@@ -167,7 +175,16 @@ async fn handle(core: &Core, headers: &axum::http::HeaderMap, p: Params) -> Resp
         );
     }
     let ctx = Ctx { core, caller: &caller, p: &p, name: &name };
-    let res = if spec.is_none() { Ok(Reply::list("item", Vec::new(), 0)) } else { handlers::dispatch(&ctx).await };
+    let read_only = spec.is_none_or(|s| !s.is_async && is_read_only(s.name));
+    let res = loop {
+        let res = if spec.is_none() { Ok(Reply::list("item", Vec::new(), 0)) } else { handlers::dispatch(&ctx).await };
+        match res {
+            Err(e) if read_only && db_unavailable(core, &e) && std::time::Instant::now() < failover_deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => break other,
+        }
+    };
     match res {
         Ok(r) => reply::ok(&p.cmd_lc, r),
         Err(e) => {
@@ -177,4 +194,17 @@ async fn handle(core: &Core, headers: &axum::http::HeaderMap, p: Params) -> Resp
             reply::error(&key, &e)
         }
     }
+}
+
+/// How long a request may wait through a database failover (several endpoints only).
+const FAILOVER_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A storage-unavailable error while the database has other endpoints to fail over to.
+fn db_unavailable(core: &Core, e: &CsError) -> bool {
+    core.db().has_failover() && e.code == ErrorCode::Internal && e.text.contains("database unavailable")
+}
+
+/// Commands that only read (rerunning them during a failover changes nothing).
+fn is_read_only(name: &str) -> bool {
+    name.starts_with("list") || matches!(name, "queryAsyncJobResult" | "readyForShutdown")
 }

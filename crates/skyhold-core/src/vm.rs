@@ -93,37 +93,49 @@ impl Core {
         if req.host_id.is_some() && !caller.is_admin() {
             return Err(CoreError::cs(ErrorCode::AccountError, "only an administrator may choose the host"));
         }
-        let mut c = self.db().conn().await?;
-        let zones = skyhold_db::infra::zone_list(&mut c).await?;
-        let zone = zones.iter().find(|z| z.id == req.zone_id).ok_or_else(|| not_found("zone", &req.zone_id))?;
-        let template = skyhold_db::infra::template_list(&mut c)
-            .await?
-            .into_iter()
-            .find(|t| {
-                t.id == req.template_id && (t.is_public || t.account_id == caller.account_id || caller.is_admin())
-            })
-            .ok_or_else(|| not_found("template", &req.template_id))?;
-        if let Some(z) = &template.zone_id
-            && z != &zone.id
-        {
-            return Err(CoreError::param(format!("template {} is not available in zone {}", template.id, zone.id)));
-        }
-        let offering = skyhold_db::infra::offering_list(&mut c)
-            .await?
-            .into_iter()
-            .find(|o| o.id == req.offering_id)
-            .ok_or_else(|| not_found("service offering", &req.offering_id))?;
-        if let Some(h) = &req.host_id
-            && skyhold_db::infra::host_fetch(&mut c, h).await?.is_none()
-        {
-            return Err(not_found("host", h));
-        }
-        let pods: Vec<_> = skyhold_db::infra::pod_list(&mut c)
-            .await?
-            .into_iter()
-            .filter(|p| p.zone_id == zone.id && p.allocation_state == "Enabled")
-            .collect();
-        drop(c);
+        // Reads only; run as a (rerunnable) transaction so a database failover in the middle
+        // waits and retries instead of failing the call.
+        let (zone, template, offering, pods) = retry_tx!(self.db(), |tx| {
+            async {
+                let c = &mut tx;
+                let zones = skyhold_db::infra::zone_list(c).await?;
+                let zone =
+                    zones.into_iter().find(|z| z.id == req.zone_id).ok_or_else(|| not_found("zone", &req.zone_id))?;
+                let template = skyhold_db::infra::template_list(c)
+                    .await?
+                    .into_iter()
+                    .find(|t| {
+                        t.id == req.template_id
+                            && (t.is_public || t.account_id == caller.account_id || caller.is_admin())
+                    })
+                    .ok_or_else(|| not_found("template", &req.template_id))?;
+                if let Some(z) = &template.zone_id
+                    && z != &zone.id
+                {
+                    return Err(CoreError::param(format!(
+                        "template {} is not available in zone {}",
+                        template.id, zone.id
+                    )));
+                }
+                let offering = skyhold_db::infra::offering_list(c)
+                    .await?
+                    .into_iter()
+                    .find(|o| o.id == req.offering_id)
+                    .ok_or_else(|| not_found("service offering", &req.offering_id))?;
+                if let Some(h) = &req.host_id
+                    && skyhold_db::infra::host_fetch(c, h).await?.is_none()
+                {
+                    return Err(not_found("host", h));
+                }
+                let pods: Vec<_> = skyhold_db::infra::pod_list(c)
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.zone_id == zone.id && p.allocation_state == "Enabled")
+                    .collect();
+                Ok::<_, CoreError>((zone, template, offering, pods))
+            }
+            .await
+        })?;
         if zone.allocation_state != "Enabled" && !caller.is_admin() {
             return Err(CoreError::cs(ErrorCode::ResourceUnavailable, format!("zone {} is disabled", zone.name)));
         }

@@ -392,6 +392,11 @@ impl Db {
         if self.inner.several() { Duration::from_secs(5) } else { Duration::from_secs(120) }
     }
 
+    /// Are there several endpoints to fail over between?
+    pub fn has_failover(&self) -> bool {
+        self.inner.several()
+    }
+
     /// The active endpoint with its password hidden.
     pub fn endpoint(&self) -> String {
         self.inner.active_name()
@@ -412,32 +417,60 @@ impl Db {
         ha::monitor(self.inner.clone()).await
     }
 
-    /// A pooled connection for reads and single-statement writes.
+    /// A pooled connection for reads and single-statement writes. With several endpoints, a
+    /// failed acquire waits (bounded by [`FAILOVER_WAIT`]) while the monitor moves to a healthy
+    /// endpoint, so callers arriving during a failover wait instead of failing.
     pub async fn conn(&self) -> Result<Conn, DbError> {
-        let (name, pool) = self.inner.active();
-        match pool.acquire().await {
-            Ok(inner) => Ok(Conn { inner, dialect: self.dialect }),
-            Err(source) => {
-                self.inner.suspect();
-                let e = DbError::Connect { endpoint: name, cause: source, failover: self.inner.several() };
-                tracing::warn!(error = %e, "database connection failed");
-                Err(e)
+        let deadline = std::time::Instant::now() + FAILOVER_WAIT;
+        loop {
+            let (name, pool) = self.inner.active();
+            match pool.acquire().await {
+                Ok(inner) => return Ok(Conn { inner, dialect: self.dialect }),
+                Err(source) => {
+                    if let Some(e) = self.acquire_failed(name, source, deadline).await {
+                        return Err(e);
+                    }
+                }
             }
         }
     }
 
-    /// Begin a transaction. Use [`retry_tx!`] rather than calling this directly.
+    /// Begin a transaction (waiting through a failover like [`Db::conn`]). Use [`retry_tx!`]
+    /// rather than calling this directly.
     pub async fn begin(&self) -> Result<Tx, DbError> {
-        let (name, pool) = self.inner.active();
-        match pool.begin().await {
-            Ok(inner) => Ok(Tx { inner, dialect: self.dialect }),
-            Err(source) => {
-                self.inner.suspect();
-                let e = DbError::Connect { endpoint: name, cause: source, failover: self.inner.several() };
-                tracing::warn!(error = %e, "database connection failed");
-                Err(e)
+        let deadline = std::time::Instant::now() + FAILOVER_WAIT;
+        loop {
+            let (name, pool) = self.inner.active();
+            match pool.begin().await {
+                Ok(inner) => return Ok(Tx { inner, dialect: self.dialect }),
+                Err(source) => {
+                    if let Some(e) = self.acquire_failed(name, source, deadline).await {
+                        return Err(e);
+                    }
+                }
             }
         }
+    }
+
+    /// A connection could not be had: wake the monitor, and either wait a little and let the
+    /// caller try again (None: several endpoints, before the deadline) or give the error.
+    async fn acquire_failed(
+        &self,
+        endpoint: String,
+        cause: sqlx::Error,
+        deadline: std::time::Instant,
+    ) -> Option<DbError> {
+        self.inner.suspect();
+        let several = self.inner.several();
+        let transient = matches!(cause, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_));
+        let e = DbError::Connect { endpoint, cause, failover: several };
+        if several && transient && std::time::Instant::now() < deadline {
+            tracing::debug!(error = %e, "database connection failed; waiting for the failover");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return None;
+        }
+        tracing::warn!(error = %e, "database connection failed");
+        Some(e)
     }
 
     /// Current time on the database clock, epoch milliseconds.
@@ -474,6 +507,10 @@ impl Retryable for DbError {
         DbError::is_retryable(self)
     }
 }
+
+/// How long [`Db::conn`] and [`Db::begin`] wait for a usable endpoint during a failover (several
+/// endpoints only; with one endpoint an error is returned at once).
+pub const FAILOVER_WAIT: Duration = Duration::from_secs(6);
 
 /// Upper bound on attempts of one transaction in [`retry_tx!`].
 pub const TX_ATTEMPTS: u32 = 8;
