@@ -4,12 +4,16 @@
 #   bench/run.sh [extra skyhold-bench args, e.g. --duration-secs 30 --json-out bench.json]
 #   bench/run.sh cluster [extra skyhold-bench-cluster args, e.g. --rounds 20 --backend both]
 #   bench/run.sh db [extra skyhold-bench-db args, e.g. --kills 20 --json-out db.json]
+#   bench/run.sh ha [extra skyhold-bench-ha args, e.g. --backend both --vms 10,100 --runs 3]
 #
 # With `cluster` as the first argument it runs the failover and membership-load benchmark
 # (skyhold-bench-cluster, MariaDB by default) instead of the API benchmark. With `db` it runs the
 # database-HA benchmark (skyhold-bench-db: Galera node and replication primary kills, async-job
 # throughput per backend); that one starts its own Galera cluster and replication pair (it needs
-# galera-4 and rsync too) and uses the throwaway MariaDB as its single-MariaDB backend.
+# galera-4 and rsync too) and uses the throwaway MariaDB as its single-MariaDB backend. With `ha`
+# it runs the host-HA benchmark (skyhold-bench-ha: time from a host's death to its HA VMs Running
+# elsewhere, storage-lease and IPMI fencing; SQLite unless `--backend mariadb|both`; the IPMI path
+# needs ipmi_sim and ipmitool, Debian packages openipmi and ipmitool).
 #
 # Steps:
 #   1. start a private MariaDB server exactly as scripts/test.sh does: datadir in /dev/shm, a random
@@ -17,7 +21,8 @@
 #   2. cargo build --release -p skyhold -p skyhold-bench
 #   3. target/release/skyhold-bench --backend both --mysql-url mysql://skyhold:skyhold@127.0.0.1:PORT "$@"
 #      (or target/release/skyhold-bench-cluster --mysql-url ... "$@" with `cluster`,
-#      target/release/skyhold-bench-db --mysql-url ... "$@" with `db`)
+#      target/release/skyhold-bench-db --mysql-url ... "$@" with `db`,
+#      target/release/skyhold-bench-ha --mysql-url ... "$@" with `ha`)
 #
 # Needs mariadbd, mariadb and mariadb-install-db (Debian: apt-get install mariadb-server
 # mariadb-client; scripts/test.sh installs them).
@@ -213,6 +218,10 @@ if [ "${1:-}" = cluster ]; then
 elif [ "${1:-}" = db ]; then
     shift
     run_step target/release/skyhold-bench-db --skyhold target/release/skyhold \
+        --mysql-url "$MYSQL_URL" "$@"
+elif [ "${1:-}" = ha ]; then
+    shift
+    run_step target/release/skyhold-bench-ha --skyhold target/release/skyhold \
         --mysql-url "$MYSQL_URL" "$@"
 else
     run_step target/release/skyhold-bench --skyhold target/release/skyhold \
