@@ -62,8 +62,12 @@ struct State {
 /// Run the coordinator role (when this server holds the lock) until the process ends.
 pub async fn run(core: Core) {
     let mut st = State::default();
+    let mut active = false;
     loop {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // Every second; every 100 ms while HA work runs, so a finished restart frees its worker
+        // slot for the next one at once.
+        tokio::time::sleep(Duration::from_millis(if active { 100 } else { 1000 })).await;
+        active = false;
         if !core.is_registered() || core.is_fenced() || core.is_shutting_down() {
             continue;
         }
@@ -84,8 +88,9 @@ pub async fn run(core: Core) {
                 continue;
             }
         }
-        if let Err(e) = tick(&core, &mut st).await {
-            tracing::warn!(error = %e, "HA round failed; will retry");
+        match tick(&core, &mut st).await {
+            Ok(busy) => active = busy,
+            Err(e) => tracing::warn!(error = %e, "HA round failed; will retry"),
         }
     }
 }
@@ -96,7 +101,8 @@ fn ping_timeout_ms(core: &Core) -> i64 {
     (interval * mult * 1000.0) as i64
 }
 
-async fn tick(core: &Core, st: &mut State) -> Result<(), CoreError> {
+/// One round; true while HA work is pending or running.
+async fn tick(core: &Core, st: &mut State) -> Result<bool, CoreError> {
     let (hosts, now) = {
         let mut c = core.db().conn().await?;
         (skyhold_db::infra::host_list(&mut c).await?, skyhold_db::now_ms(&mut c).await?)
@@ -197,18 +203,20 @@ async fn judge(
 ) -> Result<(), CoreError> {
     // What to compare this round's readings with: the counter the host's own pings recorded, or
     // what neighbours read in an earlier round.
+    // "Still writing" needs two readings by neighbours during this suspicion: the file may be a
+    // write or two ahead of the counter the host's last ping carried (it writes every second,
+    // pings every two), which proves nothing about now.
     let earlier = st.read.get(&h.id).copied();
-    let baseline = match (h.hb_seen_ms > 0, earlier) {
-        (true, Some(r)) => Some(r.max(h.hb_counter)),
-        (true, None) => Some(h.hb_counter),
-        (false, r) => r,
-    };
-    // A neighbour that saw the counter move renews the host's heartbeat record (the lease then
-    // counts from now: conservative when the record was stale).
+    let baseline = earlier;
     let max_read = answers.iter().filter(|a| a.storage_ok).filter_map(|a| a.heartbeat).max();
     if let Some(max) = max_read {
         st.read.insert(h.id.clone(), earlier.map_or(max, |e| e.max(max)));
-        if max > h.hb_counter {
+        // The lease counts from the last moment the counter was *seen* to move: a move between
+        // two neighbour readings, or the first reading of a host never recorded before. A
+        // first reading a little ahead of the recorded counter is within the lease margin
+        // (a heartbeat and a ping interval) and does not restart the lease.
+        let moved = earlier.is_some_and(|e| max > e) || (h.hb_seen_ms == 0 && max > h.hb_counter);
+        if moved {
             let mut c = core.db().conn().await?;
             hostha::host_hb_observe(&mut c, &h.id, max).await?;
         }
@@ -527,7 +535,8 @@ async fn vm_alert(tx: &mut skyhold_db::Tx, vm: &skyhold_db::vm::Vm, text: &str) 
 }
 
 /// Follow the running restarts and start pending ones, at most `ha.workers` at once.
-async fn run_work(core: &Core, owner: &EventOwner, now: i64) -> Result<(), CoreError> {
+/// Follow and start HA restarts; true while work is pending or running.
+async fn run_work(core: &Core, owner: &EventOwner, now: i64) -> Result<bool, CoreError> {
     let workers = core.settings().get_i64(keys::HA_WORKERS).clamp(1, 10_000);
     let max = core.settings().get_i64(keys::MAX_RETRIES).max(1);
     let retry_ms = core.settings().get_i64(keys::RESTART_RETRY_INTERVAL).max(0) * 1000;
@@ -649,7 +658,7 @@ async fn run_work(core: &Core, owner: &EventOwner, now: i64) -> Result<(), CoreE
         })?;
     }
     if busy >= workers {
-        return Ok(());
+        return Ok(true);
     }
     let pending = {
         let mut c = core.db().conn().await?;
@@ -669,7 +678,7 @@ async fn run_work(core: &Core, owner: &EventOwner, now: i64) -> Result<(), CoreE
         core.wake_jobs();
         core.wake_cluster();
     }
-    Ok(())
+    Ok(busy > 0 || !pending.is_empty())
 }
 
 /// End a pending work item without a restart (the VM is gone, started meanwhile, or busy).
