@@ -1,9 +1,12 @@
 //! Shared parts of the Skyhold benchmarks: request signing, the `skyhold` binary as a child
 //! process, seeding through `skyhold-db`, closed-loop load, and machine facts for the reports.
 //!
-//! Two binaries use them: `skyhold-bench` (API throughput and latency against the database's raw
-//! rate) and `skyhold-bench-cluster` (management-server failover and membership load).
+//! The binaries use them: `skyhold-bench` (API throughput and latency against the database's raw
+//! rate), `skyhold-bench-cluster` (management-server failover and membership load),
+//! `skyhold-bench-db` (database failover and throughput per backend) and `skyhold-bench-ha` (HA
+//! restart time).
 
+pub mod backend;
 pub mod load;
 pub mod seed;
 pub mod server;

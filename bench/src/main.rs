@@ -6,8 +6,9 @@
 //! It prints figures; it asserts nothing about them. See `bench/README.md`.
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use serde_json::{Value, json};
+use skyhold_bench::backend::{Backend, BackendArg};
 use skyhold_bench::load::{self, DbOp, Stats, Window, round3};
 use skyhold_bench::server::{self, Server};
 use skyhold_bench::sign::{self, Creds};
@@ -21,28 +22,6 @@ use std::time::Duration;
 
 /// The server's default page size (`default.page.size`, 500 unless changed in the database).
 const DEFAULT_PAGE: usize = 500;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum BackendArg {
-    Sqlite,
-    Mysql,
-    Both,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Sqlite,
-    MySql,
-}
-
-impl Backend {
-    fn name(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "sqlite",
-            Backend::MySql => "mariadb",
-        }
-    }
-}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -120,11 +99,7 @@ fn run(args: Args) -> Result<bool> {
     if args.vms == 0 || args.jobs == 0 || args.concurrency == 0 || args.duration_secs == 0 {
         bail!("--vms, --jobs, --concurrency and --duration-secs must be at least 1");
     }
-    let backends = match args.backend {
-        BackendArg::Sqlite => vec![Backend::Sqlite],
-        BackendArg::Mysql => vec![Backend::MySql],
-        BackendArg::Both => vec![Backend::Sqlite, Backend::MySql],
-    };
+    let backends = args.backend.expand();
     if backends.contains(&Backend::MySql) && args.mysql_url.is_none() {
         bail!("--backend mysql/both needs --mysql-url mysql://USER:PASS@HOST:PORT (or SKYHOLD_BENCH_MYSQL_URL)");
     }

@@ -27,6 +27,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
+use skyhold_bench::backend::{Backend, BackendArg};
 use skyhold_bench::server::{self, Server, ServerOpts};
 use skyhold_bench::sign::{self, Creds};
 use skyhold_bench::util::{bench_profile, database_version, drop_mysql_database, loadavg, machine_info};
@@ -49,29 +50,6 @@ const VM_MEM_MB: u64 = 1024;
 const VICTIM: &str = "victim";
 /// The BMC's administrator password.
 const BMC_PASSWORD: &str = "bench-bmc-pw";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum BackendArg {
-    Sqlite,
-    #[value(alias = "mysql")]
-    Mariadb,
-    Both,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Sqlite,
-    MySql,
-}
-
-impl Backend {
-    fn name(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "sqlite",
-            Backend::MySql => "mariadb",
-        }
-    }
-}
 
 /// How the victim host dies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -163,11 +141,7 @@ fn run(args: Args) -> Result<bool> {
     if args.vms.is_empty() || args.vms.contains(&0) || args.runs == 0 || args.others == 0 {
         bail!("--vms must list positive numbers; --runs and --others must be at least 1");
     }
-    let backends = match args.backend {
-        BackendArg::Sqlite => vec![Backend::Sqlite],
-        BackendArg::Mariadb => vec![Backend::MySql],
-        BackendArg::Both => vec![Backend::Sqlite, Backend::MySql],
-    };
+    let backends = args.backend.expand();
     if backends.contains(&Backend::MySql) && args.mysql_url.is_none() {
         bail!("--backend mariadb/both needs --mysql-url mysql://USER:PASS@HOST:PORT (or SKYHOLD_BENCH_MYSQL_URL)");
     }

@@ -14,35 +14,14 @@ mod idle;
 mod stats;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use cloud::Cloud;
 use serde_json::{Value, json};
+use skyhold_bench::backend::{Backend, BackendArg};
 use skyhold_bench::util::{bench_profile, database_version, drop_mysql_database, loadavg, machine_info};
 use stats::Summary;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum BackendArg {
-    Sqlite,
-    Mysql,
-    Both,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Sqlite,
-    MySql,
-}
-
-impl Backend {
-    fn name(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "sqlite",
-            Backend::MySql => "mariadb",
-        }
-    }
-}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,7 +33,7 @@ struct Args {
     #[arg(long, default_value = "target/release/skyhold")]
     skyhold: PathBuf,
     /// Which database(s) to run on.
-    #[arg(long, value_enum, default_value_t = BackendArg::Mysql)]
+    #[arg(long, value_enum, default_value_t = BackendArg::Mariadb)]
     backend: BackendArg,
     /// MariaDB/MySQL server URL without a database (mysql://USER:PASS@HOST:PORT); the bench
     /// creates databases of its own there and drops them at the end.
@@ -136,11 +115,7 @@ fn run(args: Args) -> Result<bool> {
     if args.servers < 2 || args.agents == 0 || args.jobs == 0 || args.load_secs == 0 {
         bail!("--servers must be at least 2; --agents, --jobs and --load-secs at least 1");
     }
-    let backends = match args.backend {
-        BackendArg::Sqlite => vec![Backend::Sqlite],
-        BackendArg::Mysql => vec![Backend::MySql],
-        BackendArg::Both => vec![Backend::Sqlite, Backend::MySql],
-    };
+    let backends = args.backend.expand();
     if backends.contains(&Backend::MySql) && args.mysql_url.is_none() {
         bail!("--backend mysql/both needs --mysql-url mysql://USER:PASS@HOST:PORT (or SKYHOLD_BENCH_MYSQL_URL)");
     }
