@@ -11,6 +11,7 @@ pub mod load;
 pub mod seed;
 pub mod server;
 pub mod sign;
+pub mod stats;
 pub mod util;
 
 use std::sync::atomic::AtomicBool;
@@ -21,4 +22,17 @@ pub static STOP: AtomicBool = AtomicBool::new(false);
 /// Whether Ctrl-C was pressed.
 pub fn stopped() -> bool {
     STOP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The process exit code of a benchmark: 0 when it completed, 1 when a round did not (`Ok(false)`)
+/// or it could not run (the error is printed).
+pub fn exit_code(r: anyhow::Result<bool>) -> std::process::ExitCode {
+    match r {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }

@@ -30,6 +30,7 @@ use serde_json::{Value, json};
 use skyhold_bench::backend::{Backend, BackendArg};
 use skyhold_bench::server::{self, Server, ServerOpts};
 use skyhold_bench::sign::{self, Creds};
+use skyhold_bench::stats::Summary;
 use skyhold_bench::util::{bench_profile, database_version, drop_mysql_database, loadavg, machine_info};
 use skyhold_db::{Db, DbConfig, Sql};
 use skyhold_testkit::{Bmc, have_ipmi};
@@ -119,14 +120,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(args) {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::from(1),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    skyhold_bench::exit_code(run(args))
 }
 
 fn epoch_ms() -> i64 {
@@ -241,7 +235,7 @@ fn run(args: Args) -> Result<bool> {
                             "backend": b.name(),
                             "vms": n,
                             "path": p.name(),
-                            "summary": summaries(&rs).iter().map(Summary::to_json).collect::<Vec<_>>(),
+                            "summary": summaries(&rs).iter().map(|s| s.to_json_as("samples")).collect::<Vec<_>>(),
                         }));
                     }
                 }
@@ -1247,62 +1241,6 @@ fn log_tails(dir: &Path, rig: &Rig, n: usize) -> String {
         ));
     }
     out
-}
-
-/// Nearest-rank percentiles of a handful of samples.
-#[derive(Debug, Clone)]
-struct Summary {
-    what: &'static str,
-    n: usize,
-    missing: usize,
-    min: f64,
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Summary {
-    fn of(what: &'static str, values: impl IntoIterator<Item = Option<f64>>) -> Summary {
-        let mut missing = 0;
-        let mut v: Vec<f64> = Vec::new();
-        for x in values {
-            match x {
-                Some(x) if x.is_finite() => v.push(x),
-                _ => missing += 1,
-            }
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let pct = |p: f64| -> f64 {
-            if n == 0 {
-                return f64::NAN;
-            }
-            let rank = ((p / 100.0) * n as f64).ceil().max(1.0) as usize;
-            v[rank.min(n) - 1]
-        };
-        Summary {
-            what,
-            n,
-            missing,
-            min: v.first().copied().unwrap_or(f64::NAN),
-            p50: pct(50.0),
-            p99: pct(99.0),
-            max: v.last().copied().unwrap_or(f64::NAN),
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        let r = |v: f64| if v.is_finite() { json!((v * 10.0).round() / 10.0) } else { Value::Null };
-        json!({
-            "measure": self.what,
-            "samples": self.n,
-            "missing": self.missing,
-            "min_ms": r(self.min),
-            "p50_ms": r(self.p50),
-            "p99_ms": r(self.p99),
-            "max_ms": r(self.max),
-        })
-    }
 }
 
 fn summaries(rs: &[&RunResult]) -> Vec<Summary> {

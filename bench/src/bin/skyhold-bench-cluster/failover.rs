@@ -3,9 +3,9 @@
 //! and its hosts reconnecting to a survivor. Then restart it and go again.
 
 use crate::cloud::{Cloud, DeployIds};
-use crate::stats::ms;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
+use skyhold_bench::stats::ms;
 use skyhold_db::job::job_fetch;
 use skyhold_db::{Db, Page};
 use std::collections::{BTreeMap, HashMap};

@@ -11,15 +11,14 @@
 mod cloud;
 mod failover;
 mod idle;
-mod stats;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cloud::Cloud;
 use serde_json::{Value, json};
 use skyhold_bench::backend::{Backend, BackendArg};
+use skyhold_bench::stats::Summary;
 use skyhold_bench::util::{bench_profile, database_version, drop_mysql_database, loadavg, machine_info};
-use stats::Summary;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -101,14 +100,7 @@ struct BackendReport {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(args) {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::from(1),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    skyhold_bench::exit_code(run(args))
 }
 
 fn run(args: Args) -> Result<bool> {

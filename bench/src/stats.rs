@@ -26,8 +26,8 @@ impl Summary {
         let mut v: Vec<f64> = Vec::new();
         for x in values {
             match x {
-                Some(x) => v.push(x),
-                None => missing += 1,
+                Some(x) if x.is_finite() => v.push(x),
+                _ => missing += 1,
             }
         }
         v.sort_by(f64::total_cmp);
@@ -51,10 +51,15 @@ impl Summary {
     }
 
     pub fn to_json(&self) -> Value {
+        self.to_json_as("rounds")
+    }
+
+    /// As JSON, naming the sample count `count_key` ("rounds", "samples").
+    pub fn to_json_as(&self, count_key: &str) -> Value {
         let r = |v: f64| if v.is_finite() { json!((v * 10.0).round() / 10.0) } else { Value::Null };
         json!({
             "measure": self.what,
-            "rounds": self.n,
+            count_key: self.n,
             "missing": self.missing,
             "min_ms": r(self.min),
             "p50_ms": r(self.p50),
