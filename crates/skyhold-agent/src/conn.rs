@@ -351,9 +351,10 @@ async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<AgentMsg>) -> Str
     "outgoing queue closed".to_owned()
 }
 
-/// Sends a Ping every `interval`. Returns when the writer is gone.
+/// Sends a Ping at once (the first report of the hosts' VMs, which takes them from Connecting to
+/// Up) and then every `interval`. Returns when the writer is gone.
 async fn pinger(agent: Arc<Agent>, tx: mpsc::Sender<AgentMsg>, interval: Duration) -> String {
-    let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+    let mut ticks = tokio::time::interval_at(Instant::now(), interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;

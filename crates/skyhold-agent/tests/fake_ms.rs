@@ -163,6 +163,10 @@ async fn register_command_replay_fence_ping_reconnect() {
     assert!(hosts.iter().all(|h| h.vms.is_empty() && h.hypervisor == "Simulator"));
     assert_eq!((hosts[0].cpu_cores, hosts[0].mem_mb), (4, 8192));
     ms.welcome(5, 500, vec![addr.clone()]).await;
+    // The first message after Welcome is a report of the hosts' VMs (it takes them from
+    // Connecting to Up), sent at once rather than after a ping interval.
+    let first = tokio::time::timeout(Duration::from_millis(400), ms.next_ping()).await.unwrap();
+    assert_eq!(first.len(), 2);
 
     // Execute, then the same (job, step) again: replayed, not executed twice.
     assert_eq!(ms.command(1, 5, "job-1", start_web1()).await, RUNNING);

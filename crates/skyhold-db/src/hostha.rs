@@ -52,13 +52,14 @@ pub async fn host_ha_move(
     Ok(n == 1)
 }
 
-/// Mark a host Down and Fenced, unless its agent is connected again (status Up). True if done.
+/// Mark a host Down and Fenced, unless its agent is connected again (status Up or Connecting).
+/// True if done.
 pub async fn host_mark_fenced(c: &mut dyn Sql, host_id: &str) -> Result<bool, DbError> {
     let (conn, dl) = c.parts();
     let n = sqlx::query(&sql(
         dl,
         "UPDATE host SET status = 'Down', ha_state = 'Fenced', ha_since_ms = {now}, mgmt_server_id = NULL \
-         WHERE id = ? AND status <> 'Up' AND removed_ms IS NULL",
+         WHERE id = ? AND status NOT IN ('Up', 'Connecting') AND removed_ms IS NULL",
     ))
     .bind(host_id)
     .execute(conn)

@@ -441,7 +441,9 @@ pub struct HostConnect {
 }
 
 /// Take ownership of a host's connection for management server `ms_id`: create the host if new,
-/// mark it Up and bump its ownership generation. Returns (host id, new generation).
+/// mark it Connecting and bump its ownership generation. Returns (host id, new generation).
+/// The host becomes Up with the first report of its VMs on this connection ([`host_ping`]): until
+/// then nothing is placed on it (CloudStack's Connecting: registered, state not yet reconciled).
 pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str) -> Result<(String, i64), DbError> {
     let (conn, dl) = c.parts();
     let existing = sqlx::query(&sql(dl, "SELECT id, owner_gen FROM host WHERE guid = ? {for_update}"))
@@ -455,7 +457,7 @@ pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str)
             let gen_ = get_i64(&r, "owner_gen")? + 1;
             sqlx::query(&sql(
                 dl,
-                "UPDATE host SET status = 'Up', mgmt_server_id = ?, owner_gen = ?, last_ping_ms = {now}, \
+                "UPDATE host SET status = 'Connecting', mgmt_server_id = ?, owner_gen = ?, last_ping_ms = {now}, \
                  name = ?, ip = ?, cpu_cores = ?, cpu_mhz = ?, mem_mb = ?, agent_id = ?, version = ?, \
                  check_addr = ?, disconnected_ms = 0, ha_state = 'Available', ha_since_ms = {now}, \
                  removed_ms = NULL WHERE id = ?",
@@ -483,7 +485,7 @@ pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str)
                 "INSERT INTO host (id, guid, name, zone_id, pod_id, cluster_id, ip, hypervisor, cpu_cores, \
                  cpu_mhz, mem_mb, status, resource_state, mgmt_server_id, owner_gen, agent_id, version, tags, \
                  last_ping_ms, created_ms, check_addr, ha_since_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Up', 'Enabled', ?, 1, ?, ?, '', {now}, {now}, ?, {now})",
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Connecting', 'Enabled', ?, 1, ?, ?, '', {now}, {now}, ?, {now})",
             ))
             .bind(&id)
             .bind(&h.guid)
@@ -508,7 +510,8 @@ pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str)
     }
 }
 
-/// Record a ping; false if this server no longer owns the host at this generation.
+/// Record a ping (the host is Up from its first one on a connection); false if this server no
+/// longer owns the host at this generation.
 pub async fn host_ping(c: &mut dyn Sql, host_id: &str, ms_id: &str, gen_: i64) -> Result<bool, DbError> {
     let (conn, dl) = c.parts();
     let n = sqlx::query(&sql(
@@ -690,7 +693,7 @@ pub async fn host_agents_per_ms(c: &mut dyn Sql) -> Result<Vec<(String, i64, i64
     let (conn, _) = c.parts();
     let rows = sqlx::query(
         "SELECT mgmt_server_id, COUNT(DISTINCT agent_id) AS agents, COUNT(*) AS hosts FROM host \
-         WHERE mgmt_server_id IS NOT NULL AND removed_ms IS NULL AND status = 'Up' GROUP BY mgmt_server_id",
+         WHERE mgmt_server_id IS NOT NULL AND removed_ms IS NULL AND status IN ('Up', 'Connecting') GROUP BY mgmt_server_id",
     )
     .fetch_all(conn)
     .await

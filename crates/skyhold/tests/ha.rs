@@ -183,6 +183,17 @@ fn dead_host_ha_vms_restart_elsewhere() {
     assert!(text.contains("lease expired"), "the proof is named: {text}");
     assert!(!ha.events("HOST.HA.SUSPECT").is_empty());
     assert!(ha.events("HOST.HA.DEGRADED").is_empty(), "a dead host is never judged alive");
+    // Each neighbour's answers are recorded, once per change of meaning (not every round).
+    let answers = ha.events("HOST.HA.ANSWER");
+    for n in ["b-h0", "c-h0"] {
+        let said: Vec<&str> = answers
+            .iter()
+            .filter_map(|e| e["description"].as_str())
+            .filter(|d| d.starts_with(&format!("{n} checked host a-h0: unreachable")))
+            .collect();
+        assert!(!said.is_empty() && said.len() <= 4, "{n}'s answers: {answers:?}");
+        assert!(said.iter().any(|d| d.contains("storage heartbeat still at")), "{said:?}");
+    }
     let restarts = wait_for(Duration::from_secs(10), || {
         let e = ha.events("VM.HA.RESTART");
         (e.len() >= 3).then_some(e)
@@ -228,6 +239,11 @@ fn cut_off_but_alive_host_is_left_alone() {
     proxy.cut(Cut::Refuse);
     let deg = ha.wait_event("HOST.HA.DEGRADED", Duration::from_secs(30));
     assert!(deg["description"].as_str().unwrap().contains("alive"), "{deg}");
+    let said = ha.events("HOST.HA.ANSWER");
+    assert!(
+        said.iter().any(|e| e["description"].as_str().unwrap_or("").starts_with("b-h0 checked host a-h0: reachable")),
+        "{said:?}"
+    );
     // Longer than the lease (20 s) after the cut: still not fenced, nothing restarted.
     let cut_at = Instant::now();
     while cut_at.elapsed() < Duration::from_secs(26) {
@@ -587,3 +603,79 @@ fn coordinator_killed_during_ha_restarts() {
 
 both!(crashed_vm_and_storage_outage);
 both!(maintenance_migrates_vms_away);
+
+/// A hand-driven agent on a real TCP connection, speaking the agent protocol line by line.
+struct RawAgent {
+    rd: std::io::BufReader<std::net::TcpStream>,
+    wr: std::net::TcpStream,
+}
+
+impl RawAgent {
+    fn send(&mut self, v: Value) {
+        use std::io::Write;
+        let mut line = v.to_string();
+        line.push('\n');
+        self.wr.write_all(line.as_bytes()).unwrap();
+    }
+
+    /// The next message of `kind` from the server (others, e.g. Pong, are skipped).
+    fn next(&mut self, kind: &str) -> Value {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            assert!(self.rd.read_line(&mut line).unwrap() > 0, "server closed the connection");
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+}
+
+/// A host is Connecting from its agent's registration until its first report of its VMs (only
+/// then is its state reconciled): nothing is placed on it meanwhile, a deployment waits for it
+/// rather than fail, and it is Up, and used, from the first report on.
+#[test]
+fn host_is_connecting_until_its_first_report() {
+    let Some(c) = Cloud::start(backend(), 0) else { return };
+    let addr = c.agent_addrs();
+    let s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut a = RawAgent { rd: std::io::BufReader::new(s.try_clone().unwrap()), wr: s };
+    a.send(json!({
+        "type": "hello", "proto": 1, "token": c.agent_token, "agent_id": "raw", "version": "test",
+        "hosts": [{ "guid": "raw-h0", "name": "raw-h0", "ip": "127.0.0.1", "cpu_cores": 4, "cpu_mhz": 2000,
+                    "mem_mb": 8192, "hypervisor": "Simulator", "vms": [] }]
+    }));
+    let welcome = a.next("welcome");
+    let generation = welcome["hosts"][0]["generation"].as_u64().unwrap();
+    let host = c.ok("listHosts", &[("name", "raw-h0")])["host"][0].clone();
+    assert_eq!(host["state"], "Connecting", "registered, not yet reported: {host}");
+    let listed = c.ok("listHosts", &[("state", "Connecting")])["count"].clone();
+    assert_eq!(listed, 1);
+    // A deployment now waits for the host instead of failing for lack of capacity.
+    let (z, t, o) = c.ids("Small Instance");
+    let r = c.ok(
+        "deployVirtualMachine",
+        &[("zoneid", &z), ("templateid", &t), ("serviceofferingid", &o), ("name", "waits")],
+    );
+    let job = r["jobid"].as_str().unwrap().to_string();
+    assert_eq!(c.ok("queryAsyncJobResult", &[("jobid", &job)])["jobstatus"], 0);
+    assert_eq!(c.ok("listHosts", &[("name", "raw-h0")])["host"][0]["state"], "Connecting");
+    // The first report: Up, and the waiting deployment lands on it.
+    a.send(json!({ "type": "ping", "hosts": [{ "guid": "raw-h0", "vms": [] }] }));
+    let cmd = a.next("command");
+    assert_eq!(cmd["cmd"]["op"], "start_vm", "{cmd}");
+    assert_eq!(cmd["generation"], generation);
+    assert_eq!(c.ok("listHosts", &[("name", "raw-h0")])["host"][0]["state"], "Up");
+    a.send(json!({ "type": "answer", "req": cmd["req"], "result": { "outcome": "ok", "state": "Running" } }));
+    let done = c.wait_job(&job);
+    assert_eq!(done["jobstatus"], 1, "{done}");
+    assert_eq!(c.vm(r["id"].as_str().unwrap())["hostname"], "raw-h0");
+    // The connection closes: Disconnected.
+    drop(a);
+    let gone = wait_for(Duration::from_secs(10), || {
+        (c.ok("listHosts", &[("name", "raw-h0")])["host"][0]["state"] == "Disconnected").then_some(())
+    });
+    assert!(gone.is_some(), "Disconnected once the connection closed");
+}

@@ -87,9 +87,51 @@ pub fn decide(e: &Evidence) -> Verdict {
     }
 }
 
+/// How one neighbour's answer (None: it did not answer) reads for the record: a key that changes
+/// only when the answer means something different (so an answer repeated round after round is
+/// recorded once), and the event text. `baseline` is the counter known before this round.
+pub fn describe_answer(neighbour: &str, host: &str, a: Option<&Answer>, baseline: Option<i64>) -> (String, String) {
+    let Some(a) = a else {
+        return ("silent".into(), format!("{neighbour} did not answer the check of host {host} (unknown)"));
+    };
+    let (reach, net) = match a.reachable {
+        Some(true) => ("reachable", "reachable on its check address"),
+        Some(false) => ("unreachable", "unreachable on its check address"),
+        None => ("untested", "network not tested (no check address)"),
+    };
+    let (hb, storage) = match (a.storage_ok, a.heartbeat, baseline) {
+        (false, _, _) => ("unreadable", "primary storage unreadable from there".to_string()),
+        (true, None, _) => ("none", "no storage heartbeat of the host".to_string()),
+        (true, Some(v), None) => ("first", format!("storage heartbeat {v} (first reading)")),
+        (true, Some(v), Some(b)) if v > b => ("moving", format!("storage heartbeat {v}, advancing (was {b})")),
+        (true, Some(v), Some(_)) => ("still", format!("storage heartbeat still at {v}")),
+    };
+    (format!("{reach}/{hb}"), format!("{neighbour} checked host {host}: {net}; {storage}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_read_as_their_meaning() {
+        let d = |a: Option<&Answer>, b| describe_answer("n1", "h", a, b);
+        assert_eq!(d(None, None).0, "silent");
+        let a = ans(Some(false), Some(12), true);
+        assert_eq!(
+            d(Some(&a), None),
+            (
+                "unreachable/first".into(),
+                "n1 checked host h: unreachable on its check address; storage heartbeat 12 (first reading)".into()
+            )
+        );
+        assert_eq!(d(Some(&a), Some(10)).0, "unreachable/moving");
+        assert_eq!(d(Some(&a), Some(12)).0, "unreachable/still");
+        // A new counter value that still advances means the same: the key does not change.
+        assert_eq!(d(Some(&ans(Some(false), Some(13), true)), Some(12)).0, "unreachable/moving");
+        assert_eq!(d(Some(&ans(None, Some(3), false)), Some(1)).0, "untested/unreadable");
+        assert_eq!(d(Some(&ans(Some(true), None, true)), None).0, "reachable/none");
+    }
 
     fn ans(reach: Option<bool>, hb: Option<i64>, ok: bool) -> Answer {
         Answer { neighbour: "n1".into(), reachable: reach, heartbeat: hb, storage_ok: ok }

@@ -57,6 +57,9 @@ struct State {
     said: HashMap<String, String>,
     /// Per host: the highest heartbeat counter neighbours read in earlier rounds of this suspicion.
     read: HashMap<String, i64>,
+    /// Per host, per neighbour: the meaning of its last recorded answer (HOST.HA.ANSWER events
+    /// record each answer that says something new).
+    answered: HashMap<String, HashMap<String, String>>,
     /// When the hosts were last scanned (once a second; the fast rounds only run HA work).
     scanned: Option<Instant>,
     /// Whom system events belong to (the admin account), read on each scan.
@@ -128,11 +131,12 @@ async fn tick(core: &Core, st: &mut State) -> Result<bool, CoreError> {
             continue;
         }
         match (h.status.as_str(), h.ha_state.as_str()) {
-            ("Up", _) => {
+            ("Up" | "Connecting", _) => {
                 st.checked.remove(&h.id);
                 st.oob_failed.remove(&h.id);
                 st.said.remove(&h.id);
                 st.read.remove(&h.id);
+                st.answered.remove(&h.id);
             }
             ("Disconnected", "Available") | ("Alert", "Available") if now - h.disconnected_ms >= grace => {
                 let moved = retry_tx!(core.db(), |tx| {
@@ -180,8 +184,9 @@ async fn tick(core: &Core, st: &mut State) -> Result<bool, CoreError> {
     run_work(core, &owner, now).await
 }
 
-/// Ask up to three Up hosts of the suspect's cluster to check it.
-async fn investigate(core: &Core, hosts: &[Host], h: &Host) -> Vec<Answer> {
+/// Ask up to three Up hosts of the suspect's cluster to check it: each neighbour's name and its
+/// answer (None: it did not answer in time, which says nothing about the host).
+async fn investigate(core: &Core, hosts: &[Host], h: &Host) -> Vec<(String, Option<Answer>)> {
     let neighbours: Vec<&Host> = hosts
         .iter()
         .filter(|n| n.id != h.id && n.cluster_id == h.cluster_id && n.status == "Up" && n.resource_state == "Enabled")
@@ -192,7 +197,7 @@ async fn investigate(core: &Core, hosts: &[Host], h: &Host) -> Vec<Answer> {
         let cmd = Command::CheckHost { guid: h.guid.clone(), check_addr: check_addr.clone() };
         let job = format!("ha-check-{}", uuid::Uuid::new_v4());
         async move {
-            match core.agent_send_anywhere(&n.id, &job, 0, cmd, Duration::from_secs(3)).await {
+            let answer = match core.agent_send_anywhere(&n.id, &job, 0, cmd, Duration::from_secs(3)).await {
                 Ok(Some(CommandResult::HostCheck { reachable, heartbeat, storage_ok })) => Some(Answer {
                     neighbour: n.name.clone(),
                     reachable,
@@ -200,10 +205,11 @@ async fn investigate(core: &Core, hosts: &[Host], h: &Host) -> Vec<Answer> {
                     storage_ok,
                 }),
                 _ => None,
-            }
+            };
+            (n.name.clone(), answer)
         }
     });
-    futures::future::join_all(asks).await.into_iter().flatten().collect()
+    futures::future::join_all(asks).await
 }
 
 async fn judge(
@@ -211,9 +217,10 @@ async fn judge(
     st: &mut State,
     owner: &EventOwner,
     h: &Host,
-    answers: Vec<Answer>,
+    asked: Vec<(String, Option<Answer>)>,
     now: i64,
 ) -> Result<(), CoreError> {
+    let answers: Vec<Answer> = asked.iter().filter_map(|(_, a)| a.clone()).collect();
     // What to compare this round's readings with: the counter the host's own pings recorded, or
     // what neighbours read in an earlier round.
     // "Still writing" needs two readings by neighbours during this suspicion: the file may be a
@@ -221,6 +228,7 @@ async fn judge(
     // pings every two), which proves nothing about now.
     let earlier = st.read.get(&h.id).copied();
     let baseline = earlier;
+    record_answers(core, st, owner, h, &asked, baseline).await?;
     let max_read = answers.iter().filter(|a| a.storage_ok).filter_map(|a| a.heartbeat).max();
     if let Some(max) = max_read {
         st.read.insert(h.id.clone(), earlier.map_or(max, |e| e.max(max)));
@@ -360,6 +368,43 @@ async fn judge(
         }
         .await
     })
+}
+
+/// One HOST.HA.ANSWER event per neighbour whose answer says something new in this suspicion
+/// (the first answer, and every change of meaning: reachable, storage readable, heartbeat
+/// advancing or still), all in one transaction.
+async fn record_answers(
+    core: &Core,
+    st: &mut State,
+    owner: &EventOwner,
+    h: &Host,
+    asked: &[(String, Option<Answer>)],
+    baseline: Option<i64>,
+) -> Result<(), CoreError> {
+    let seen = st.answered.entry(h.id.clone()).or_default();
+    let mut fresh = Vec::new();
+    for (neighbour, a) in asked {
+        let (key, text) = decide::describe_answer(neighbour, &h.name, a.as_ref(), baseline);
+        if seen.get(neighbour) != Some(&key) {
+            fresh.push((neighbour.clone(), key, text));
+        }
+    }
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    retry_tx!(core.db(), |tx| {
+        async {
+            for (_, _, text) in &fresh {
+                record(&mut tx, owner, h, "HOST.HA.ANSWER", "INFO", text, false).await?;
+            }
+            Ok::<_, CoreError>(())
+        }
+        .await
+    })?;
+    for (neighbour, key, _) in fresh {
+        seen.insert(neighbour, key);
+    }
+    Ok(())
 }
 
 /// Record an event (and an alert if asked) about a host, in the caller's transaction.

@@ -318,7 +318,7 @@ async fn finish(
 }
 
 /// Are some Enabled hosts of the zone Disconnected but pinged within the last 30 s (their agents
-/// moving between servers)?
+/// moving between servers), or Connecting (registered, about to be Up)?
 async fn reconnecting_in_zone(
     tx: &mut skyhold_db::Tx,
     hosts: &[skyhold_db::infra::Host],
@@ -327,8 +327,8 @@ async fn reconnecting_in_zone(
     let now = skyhold_db::now_ms(tx).await?;
     Ok(hosts.iter().any(|h| {
         h.zone_id == zone
-            && h.status == "Disconnected"
             && h.resource_state == "Enabled"
-            && h.last_ping_ms.is_some_and(|t| now - t < 30_000)
+            && (h.status == "Connecting"
+                || (h.status == "Disconnected" && h.last_ping_ms.is_some_and(|t| now - t < 30_000)))
     }))
 }
