@@ -122,6 +122,8 @@ pub struct Agent {
     fence_hold: AtomicBool,
     /// The check listener's address, once bound.
     check_addr: Mutex<Option<SocketAddr>>,
+    /// The configured zone, pod and cluster, reported with every host.
+    place: skyhold_proto::HostPlace,
 }
 
 /// Refuse timing settings that cannot work.
@@ -194,6 +196,7 @@ impl Agent {
             watch: Mutex::new(Watch::new(now, fence_period)),
             fence_hold: AtomicBool::new(false),
             check_addr: Mutex::new(None),
+            place: cfg.place.clone(),
         })
     }
 
@@ -249,6 +252,7 @@ impl Agent {
                 let mut r = lock(h).sim.report(ip);
                 r.check_addr.clone_from(&check_addr);
                 r.storage.clone_from(&storage);
+                r.place.clone_from(&self.place);
                 r
             })
             .collect()

@@ -96,6 +96,8 @@ pub struct AgentConfig {
     /// Use only `mgmt_addrs`, ignoring the address lists management servers push (an agent that
     /// must reach them through a load balancer's virtual address, or a fixed path).
     pub static_mgmt: bool,
+    /// Zone, pod and cluster (UUID or name) for hosts the servers have not seen before.
+    pub place: skyhold_proto::HostPlace,
 }
 
 impl Default for AgentConfig {
@@ -119,6 +121,7 @@ impl Default for AgentConfig {
             check_listen: DEFAULT_CHECK_LISTEN.to_owned(),
             control_dir: None,
             static_mgmt: false,
+            place: skyhold_proto::HostPlace::default(),
         }
     }
 }
@@ -142,6 +145,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("self_fence_after_ms", &self.self_fence_after_ms)
             .field("check_listen", &self.check_listen)
             .field("control_dir", &self.control_dir)
+            .field("static_mgmt", &self.static_mgmt)
+            .field("place", &self.place)
             .finish()
     }
 }

@@ -148,6 +148,7 @@ impl Simulator {
             vms: self.vms(),
             check_addr: None,
             storage: None,
+            place: Default::default(),
         }
     }
 

@@ -328,13 +328,34 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
         refuse!("an agent must report between 1 and 10000 hosts".into());
     }
 
-    // Where new hosts go: the first cluster.
-    let place = {
+    // Where new hosts go: the zone, pod and cluster their agent names, or the first cluster.
+    // Hosts already known keep their place, so a placement that cannot be resolved only refuses
+    // an agent that brings a new host.
+    let (cluster, unknown_guid) = {
         let mut c = core.db().conn().await?;
-        skyhold_db::infra::cluster_list(&mut c).await?.into_iter().next()
+        let zones = skyhold_db::infra::zone_list(&mut c).await?;
+        let pods = skyhold_db::infra::pod_list(&mut c).await?;
+        let clusters = skyhold_db::infra::cluster_list(&mut c).await?;
+        let wanted = hosts.first().map(|h| h.place.clone()).unwrap_or_default();
+        let resolved = resolve_place(&wanted, &zones, &pods, &clusters);
+        let unknown = if resolved.is_err() {
+            let mut first_new = None;
+            for h in &hosts {
+                if !skyhold_db::infra::host_guid_known(&mut c, &h.guid).await? {
+                    first_new = Some(h.guid.clone());
+                    break;
+                }
+            }
+            first_new
+        } else {
+            None
+        };
+        (resolved, unknown)
     };
-    let Some(cluster) = place else {
-        refuse!("no cluster exists yet to place hosts in".into());
+    let cluster = match (cluster, unknown_guid) {
+        (Ok(cl), _) => Some(cl),
+        (Err(why), Some(guid)) => refuse!(format!("cannot place new host {guid}: {why}")),
+        (Err(_), None) => None,
     };
     let ms_id = core.ms().id.clone();
     let mut grants = Vec::with_capacity(hosts.len());
@@ -350,9 +371,9 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
             agent_id: agent_id.clone(),
             version: version.clone(),
             check_addr: h.check_addr.clone().unwrap_or_default(),
-            zone_id: cluster.zone_id.clone(),
-            pod_id: cluster.pod_id.clone(),
-            cluster_id: cluster.id.clone(),
+            zone_id: cluster.as_ref().map(|cl| cl.zone_id.clone()).unwrap_or_default(),
+            pod_id: cluster.as_ref().map(|cl| cl.pod_id.clone()).unwrap_or_default(),
+            cluster_id: cluster.as_ref().map(|cl| cl.id.clone()).unwrap_or_default(),
         };
         let (host_id, generation) =
             skyhold_db::retry_tx!(core.db(), |tx| host_take_connection(&mut tx, &hc, &ms_id).await)?;
@@ -493,6 +514,58 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
     res
 }
 
+/// The cluster for a new host: the one its agent names (`place`: zone, pod and cluster, each a
+/// UUID or a name, each narrowing the next), or the first cluster when it names none. The error
+/// says what could not be found.
+fn resolve_place(
+    place: &skyhold_proto::HostPlace,
+    zones: &[skyhold_db::infra::Zone],
+    pods: &[skyhold_db::infra::Pod],
+    clusters: &[skyhold_db::infra::Cluster],
+) -> Result<skyhold_db::infra::Cluster, String> {
+    fn one<'a, T>(kind: &str, want: &str, found: Vec<&'a T>) -> Result<&'a T, String> {
+        match found.len() {
+            0 => Err(format!("{kind} '{want}' does not exist")),
+            1 => Ok(found[0]),
+            n => Err(format!("{n} {kind}s are named '{want}': name it by its UUID")),
+        }
+    }
+    let zone = match &place.zone {
+        Some(z) => Some(one("zone", z, zones.iter().filter(|x| &x.id == z || &x.name == z).collect())?),
+        None => None,
+    };
+    let pod = match &place.pod {
+        Some(p) => {
+            let found = pods
+                .iter()
+                .filter(|x| (&x.id == p || &x.name == p) && zone.is_none_or(|z| x.zone_id == z.id))
+                .collect();
+            Some(one("pod", p, found).map_err(|e| match zone {
+                Some(z) => format!("{e} in zone {}", z.name),
+                None => e,
+            })?)
+        }
+        None => None,
+    };
+    let fits = |x: &&skyhold_db::infra::Cluster| {
+        zone.is_none_or(|z| x.zone_id == z.id) && pod.is_none_or(|p| x.pod_id == p.id)
+    };
+    let within = match (pod, zone) {
+        (Some(p), _) => format!(" in pod {}", p.name),
+        (None, Some(z)) => format!(" in zone {}", z.name),
+        (None, None) => String::new(),
+    };
+    match &place.cluster {
+        Some(cl) => {
+            let found = clusters.iter().filter(|x| &x.id == cl || &x.name == cl).filter(fits).collect();
+            one("cluster", cl, found).cloned().map_err(|e| format!("{e}{within}"))
+        }
+        None => {
+            clusters.iter().find(fits).cloned().ok_or_else(|| format!("no cluster exists{within} to place hosts in"))
+        }
+    }
+}
+
 fn conn_owns(core: &Core, host_id: &str, conn: &Arc<AgentConn>) -> bool {
     core.agents().get(host_id).is_some_and(|hc| Arc::ptr_eq(&hc.conn, conn))
 }
@@ -552,7 +625,65 @@ mod sha2_lite {
 
 #[cfg(test)]
 mod tests {
-    use super::order_addrs;
+    use super::{order_addrs, resolve_place};
+    use skyhold_db::infra::{Cluster, Pod, Zone};
+    use skyhold_proto::HostPlace;
+
+    #[test]
+    fn new_hosts_go_where_their_agent_says() {
+        let zone = |id: &str, name: &str| Zone {
+            id: id.into(),
+            name: name.into(),
+            description: String::new(),
+            network_type: "Basic".into(),
+            dns1: String::new(),
+            internal_dns1: String::new(),
+            allocation_state: "Enabled".into(),
+            created_ms: 0,
+        };
+        let pod = |id: &str, zone: &str, name: &str| Pod {
+            id: id.into(),
+            zone_id: zone.into(),
+            name: name.into(),
+            gateway: String::new(),
+            netmask: String::new(),
+            start_ip: String::new(),
+            end_ip: String::new(),
+            allocation_state: "Enabled".into(),
+            created_ms: 0,
+        };
+        let cl = |id: &str, zone: &str, pod: &str, name: &str| Cluster {
+            id: id.into(),
+            zone_id: zone.into(),
+            pod_id: pod.into(),
+            name: name.into(),
+            hypervisor: "Simulator".into(),
+            allocation_state: "Enabled".into(),
+            created_ms: 0,
+        };
+        let zones = [zone("z1", "east"), zone("z2", "west")];
+        let pods = [pod("p1", "z1", "pod1"), pod("p2", "z2", "pod1")];
+        let clusters = [cl("c1", "z1", "p1", "c"), cl("c2", "z2", "p2", "c"), cl("c3", "z2", "p2", "d")];
+        let at = |zone: Option<&str>, pod: Option<&str>, cluster: Option<&str>| {
+            let p =
+                HostPlace { zone: zone.map(Into::into), pod: pod.map(Into::into), cluster: cluster.map(Into::into) };
+            resolve_place(&p, &zones, &pods, &clusters).map(|c| c.id)
+        };
+        assert_eq!(at(None, None, None), Ok("c1".into()), "nothing named: the first cluster");
+        assert_eq!(at(Some("west"), None, None), Ok("c2".into()));
+        assert_eq!(at(Some("z2"), Some("pod1"), Some("d")), Ok("c3".into()));
+        assert_eq!(at(None, None, Some("c3")), Ok("c3".into()), "by UUID");
+        assert_eq!(at(Some("east"), None, Some("c")), Ok("c1".into()), "a name made unique by its zone");
+        let e = at(None, None, Some("c")).unwrap_err();
+        assert!(e.contains("2 clusters are named 'c'"), "{e}");
+        let e = at(None, Some("pod1"), None).unwrap_err();
+        assert!(e.contains("2 pods are named 'pod1'"), "{e}");
+        let e = at(Some("north"), None, None).unwrap_err();
+        assert_eq!(e, "zone 'north' does not exist");
+        let e = at(Some("east"), None, Some("d")).unwrap_err();
+        assert_eq!(e, "cluster 'd' does not exist in zone east");
+        assert!(resolve_place(&HostPlace::default(), &zones, &pods, &[]).is_err());
+    }
 
     #[test]
     fn address_ordering() {

@@ -510,6 +510,13 @@ pub async fn host_take_connection(c: &mut dyn Sql, h: &HostConnect, ms_id: &str)
     }
 }
 
+/// Is a host with this guid registered (removed or not)?
+pub async fn host_guid_known(c: &mut dyn Sql, guid: &str) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let r = sqlx::query("SELECT id FROM host WHERE guid = ?").bind(guid).fetch_optional(conn).await.ctx("find host")?;
+    Ok(r.is_some())
+}
+
 /// Record a ping (the host is Up from its first one on a connection); false if this server no
 /// longer owns the host at this generation.
 pub async fn host_ping(c: &mut dyn Sql, host_id: &str, ms_id: &str, gen_: i64) -> Result<bool, DbError> {

@@ -43,6 +43,28 @@ pub struct HostReport {
     /// when the agent runs without shared storage.
     #[serde(default)]
     pub storage: Option<String>,
+    /// Where a host seen for the first time belongs (CloudStack's `zone`, `pod` and `cluster` of
+    /// agent.properties; each a UUID or a name). Empty: the first cluster. A host already known
+    /// stays where it is.
+    #[serde(default, skip_serializing_if = "HostPlace::is_empty")]
+    pub place: HostPlace,
+}
+
+/// A host's configured zone, pod and cluster (each optional: UUID or name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPlace {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+}
+
+impl HostPlace {
+    pub fn is_empty(&self) -> bool {
+        self.zone.is_none() && self.pod.is_none() && self.cluster.is_none()
+    }
 }
 
 /// Power state of one VM as the hypervisor sees it.

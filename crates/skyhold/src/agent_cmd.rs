@@ -39,6 +39,7 @@ pub async fn run(a: AgentArgs) -> Result<u8> {
         check_listen: a.check_listen.clone(),
         control_dir: a.control_dir.clone(),
         static_mgmt: a.static_mgmt,
+        place: skyhold_proto::HostPlace { zone: a.zone.clone(), pod: a.pod.clone(), cluster: a.cluster.clone() },
     };
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

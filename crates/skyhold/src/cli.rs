@@ -276,6 +276,17 @@ pub struct AgentArgs {
     /// reach the servers through a load balancer's virtual address).
     #[arg(long)]
     pub static_mgmt: bool,
+    /// Zone (UUID or name) of hosts the servers have not seen before (agent.properties `zone`);
+    /// without --zone, --pod and --cluster new hosts join the first cluster.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Pod (UUID or name) of new hosts (agent.properties `pod`).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Cluster (UUID or name) of new hosts (agent.properties `cluster`). A host keeps the place
+    /// it was first registered in.
+    #[arg(long)]
+    pub cluster: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
