@@ -52,12 +52,36 @@ pub const COMMANDS: &[CommandSpec] = &[
         "id:uuid,name:string,available:boolean,networktype:string,showcapacities:boolean,keyword:string,page:integer,pagesize:integer"
     ),
     spec!(
+        "createZone",
+        false,
+        true,
+        "zone",
+        "Creates a Zone (Disabled unless allocationstate=Enabled, as in CloudStack)",
+        "name:string!,networktype:string!,dns1:string!,internaldns1:string!,allocationstate:string"
+    ),
+    spec!(
         "listPods",
         false,
         true,
         "pod",
         "Lists all pods",
         "id:uuid,name:string,zoneid:uuid,allocationstate:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "createPod",
+        false,
+        true,
+        "pod",
+        "Creates a new Pod (endip defaults to the last usable address of the gateway's subnet)",
+        "name:string!,zoneid:uuid!,gateway:string!,netmask:string!,startip:string!,endip:string,allocationstate:string"
+    ),
+    spec!(
+        "addCluster",
+        false,
+        true,
+        "cluster",
+        "Adds a new cluster (hypervisor Simulator, clustertype CloudManaged)",
+        "clustername:string!,clustertype:string!,hypervisor:string!,podid:uuid!,zoneid:uuid!,allocationstate:string"
     ),
     spec!(
         "listClusters",
@@ -410,6 +434,9 @@ mod tests {
             .map(|p| p["name"].as_str().unwrap())
             .collect();
         assert_eq!(req, ["zoneid", "templateid", "serviceofferingid"]);
-        assert!(super::list_apis(false, None).iter().all(|a| a["name"] != "listHosts"));
+        let user = super::list_apis(false, None);
+        for admin_only in ["listHosts", "createZone", "createPod", "addCluster"] {
+            assert!(user.iter().all(|a| a["name"] != admin_only), "{admin_only} is admin-only");
+        }
     }
 }

@@ -135,20 +135,39 @@ pub async fn zone_list(c: &mut dyn Sql) -> Result<Vec<Zone>, DbError> {
     .fetch_all(conn)
     .await
     .ctx("list zones")?;
-    rows.iter()
-        .map(|r| {
-            Ok(Zone {
-                id: get_str(r, "id")?,
-                name: get_str(r, "name")?,
-                description: get_str(r, "description")?,
-                network_type: get_str(r, "network_type")?,
-                dns1: get_str(r, "dns1")?,
-                internal_dns1: get_str(r, "internal_dns1")?,
-                allocation_state: get_str(r, "allocation_state")?,
-                created_ms: get_i64(r, "created_ms")?,
-            })
-        })
-        .collect()
+    rows.iter().map(zone_from_row).collect()
+}
+
+const ZONE_COLS: &str = "id, name, description, network_type, dns1, internal_dns1, allocation_state, created_ms";
+
+fn zone_from_row(r: &crate::AnyRow) -> Result<Zone, DbError> {
+    Ok(Zone {
+        id: get_str(r, "id")?,
+        name: get_str(r, "name")?,
+        description: get_str(r, "description")?,
+        network_type: get_str(r, "network_type")?,
+        dns1: get_str(r, "dns1")?,
+        internal_dns1: get_str(r, "internal_dns1")?,
+        allocation_state: get_str(r, "allocation_state")?,
+        created_ms: get_i64(r, "created_ms")?,
+    })
+}
+
+/// One zone, its row locked (MySQL) for the rest of the transaction, so pods created in it
+/// concurrently are checked (unique name, no overlapping range) one after the other.
+pub async fn zone_fetch_for_update(c: &mut dyn Sql, id: &str) -> Result<Option<Zone>, DbError> {
+    let (conn, dl) = c.parts();
+    let q = sql(dl, &format!("SELECT {ZONE_COLS} FROM zone WHERE id = ? {{for_update}}")).into_owned();
+    let row = sqlx::query(&q).bind(id).fetch_optional(conn).await.ctx("fetch zone")?;
+    row.as_ref().map(zone_from_row).transpose()
+}
+
+/// The zone with this name, compared case-insensitively (zone names are unique).
+pub async fn zone_find_by_name(c: &mut dyn Sql, name: &str) -> Result<Option<Zone>, DbError> {
+    let (conn, _) = c.parts();
+    let q = format!("SELECT {ZONE_COLS} FROM zone WHERE LOWER(name) = LOWER(?) LIMIT 1");
+    let row = sqlx::query(&q).bind(name).fetch_optional(conn).await.ctx("find zone by name")?;
+    row.as_ref().map(zone_from_row).transpose()
 }
 
 /// Insert a pod and its IP range (one `pod_ip` row per address), in the caller's transaction.
@@ -203,21 +222,40 @@ pub async fn pod_list(c: &mut dyn Sql) -> Result<Vec<Pod>, DbError> {
     .fetch_all(conn)
     .await
     .ctx("list pods")?;
-    rows.iter()
-        .map(|r| {
-            Ok(Pod {
-                id: get_str(r, "id")?,
-                zone_id: get_str(r, "zone_id")?,
-                name: get_str(r, "name")?,
-                gateway: get_str(r, "gateway")?,
-                netmask: get_str(r, "netmask")?,
-                start_ip: get_str(r, "start_ip")?,
-                end_ip: get_str(r, "end_ip")?,
-                allocation_state: get_str(r, "allocation_state")?,
-                created_ms: get_i64(r, "created_ms")?,
-            })
-        })
-        .collect()
+    rows.iter().map(pod_from_row).collect()
+}
+
+const POD_COLS: &str = "id, zone_id, name, gateway, netmask, start_ip, end_ip, allocation_state, created_ms";
+
+fn pod_from_row(r: &crate::AnyRow) -> Result<Pod, DbError> {
+    Ok(Pod {
+        id: get_str(r, "id")?,
+        zone_id: get_str(r, "zone_id")?,
+        name: get_str(r, "name")?,
+        gateway: get_str(r, "gateway")?,
+        netmask: get_str(r, "netmask")?,
+        start_ip: get_str(r, "start_ip")?,
+        end_ip: get_str(r, "end_ip")?,
+        allocation_state: get_str(r, "allocation_state")?,
+        created_ms: get_i64(r, "created_ms")?,
+    })
+}
+
+/// The pods of one zone.
+pub async fn pod_list_by_zone(c: &mut dyn Sql, zone_id: &str) -> Result<Vec<Pod>, DbError> {
+    let (conn, _) = c.parts();
+    let q = format!("SELECT {POD_COLS} FROM pod WHERE zone_id = ? ORDER BY created_ms, name");
+    let rows = sqlx::query(&q).bind(zone_id).fetch_all(conn).await.ctx("list pods of a zone")?;
+    rows.iter().map(pod_from_row).collect()
+}
+
+/// One pod, its row locked (MySQL) for the rest of the transaction, so clusters created in it
+/// concurrently are checked for a unique name one after the other.
+pub async fn pod_fetch_for_update(c: &mut dyn Sql, id: &str) -> Result<Option<Pod>, DbError> {
+    let (conn, dl) = c.parts();
+    let q = sql(dl, &format!("SELECT {POD_COLS} FROM pod WHERE id = ? {{for_update}}")).into_owned();
+    let row = sqlx::query(&q).bind(id).fetch_optional(conn).await.ctx("fetch pod")?;
+    row.as_ref().map(pod_from_row).transpose()
 }
 
 /// Take a free address of the pod for `nic_id`; `None` when the range is exhausted.
@@ -306,19 +344,34 @@ pub async fn cluster_list(c: &mut dyn Sql) -> Result<Vec<Cluster>, DbError> {
     .fetch_all(conn)
     .await
     .ctx("list clusters")?;
-    rows.iter()
-        .map(|r| {
-            Ok(Cluster {
-                id: get_str(r, "id")?,
-                zone_id: get_str(r, "zone_id")?,
-                pod_id: get_str(r, "pod_id")?,
-                name: get_str(r, "name")?,
-                hypervisor: get_str(r, "hypervisor")?,
-                allocation_state: get_str(r, "allocation_state")?,
-                created_ms: get_i64(r, "created_ms")?,
-            })
-        })
-        .collect()
+    rows.iter().map(cluster_from_row).collect()
+}
+
+fn cluster_from_row(r: &crate::AnyRow) -> Result<Cluster, DbError> {
+    Ok(Cluster {
+        id: get_str(r, "id")?,
+        zone_id: get_str(r, "zone_id")?,
+        pod_id: get_str(r, "pod_id")?,
+        name: get_str(r, "name")?,
+        hypervisor: get_str(r, "hypervisor")?,
+        allocation_state: get_str(r, "allocation_state")?,
+        created_ms: get_i64(r, "created_ms")?,
+    })
+}
+
+/// The cluster of the pod with this name, compared case-insensitively (unique within a pod).
+pub async fn cluster_find_by_name(c: &mut dyn Sql, pod_id: &str, name: &str) -> Result<Option<Cluster>, DbError> {
+    let (conn, _) = c.parts();
+    let row = sqlx::query(
+        "SELECT id, zone_id, pod_id, name, hypervisor, allocation_state, created_ms FROM cluster \
+         WHERE pod_id = ? AND LOWER(name) = LOWER(?) LIMIT 1",
+    )
+    .bind(pod_id)
+    .bind(name)
+    .fetch_optional(conn)
+    .await
+    .ctx("find cluster by name")?;
+    row.as_ref().map(cluster_from_row).transpose()
 }
 
 const HOST_COLS: &str = "h.id, h.guid, h.name, h.zone_id, h.pod_id, h.cluster_id, h.ip, h.hypervisor, \

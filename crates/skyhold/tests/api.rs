@@ -392,6 +392,337 @@ fn admin_views_and_settings(b: Backend) {
 }
 both!(admin_views_and_settings);
 
+/// A CloudStack error answer: HTTP status = errorcode, one `<cmd>response` key, the text names `needle`.
+fn assert_cs_error(st: u16, v: &Value, code: u16, needle: &str) {
+    assert_eq!(st, code, "{v}");
+    let (k, body) = v.as_object().and_then(|o| o.iter().next()).expect("one key");
+    assert!(k.ends_with("response"), "{k}");
+    assert_eq!(body["errorcode"], code, "{v}");
+    assert!(body["errortext"].as_str().unwrap_or("").contains(needle), "{needle} not in {v}");
+}
+
+fn create_zone_pod_cluster(b: Backend) {
+    let Some(c) = Cloud::start(b, 1) else { return };
+    let zone1 = c.ok("listZones", &[])["zone"][0].clone();
+    let pod1 = c.ok("listPods", &[])["pod"][0].clone();
+    let z1 = zone1["id"].as_str().unwrap().to_string();
+
+    // The new commands are in the catalogue cloudmonkey syncs, for admins only.
+    let names = |v: &Value, key: &str| -> Vec<String> {
+        v[key]["api"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x["name"].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let (_, apis) = c.api("listApis", &[]);
+    for n in ["createZone", "createPod", "addCluster"] {
+        assert!(names(&apis, "listapisresponse").iter().any(|x| x == n), "{n} in listApis");
+    }
+    let user = c.create_user("bob");
+    let (_, apis) = c.api_as(&user, "listApis", &[]);
+    assert!(!names(&apis, "listapisresponse").iter().any(|x| x == "createZone"), "admin-only");
+
+    // Zone, pod, cluster: created synchronously, shown as the list commands show them.
+    let z = c.ok(
+        "createZone",
+        &[
+            ("name", "Zone2"),
+            ("networktype", "advanced"),
+            ("dns1", "8.8.4.4"),
+            ("internaldns1", "10.2.0.1"),
+            ("dns2", "1.1.1.1"),
+            ("allocationstate", "Enabled"),
+        ],
+    )["zone"]
+        .clone();
+    assert_eq!(z["name"], "Zone2");
+    assert_eq!(z["networktype"], "Advanced");
+    assert_eq!(z["dns1"], "8.8.4.4");
+    assert_eq!(z["internaldns1"], "10.2.0.1");
+    assert_eq!(z["allocationstate"], "Enabled");
+    let z2 = z["id"].as_str().unwrap().to_string();
+    let l = c.ok("listZones", &[]);
+    assert_eq!(l["count"], 2);
+    assert_eq!(c.ok("listZones", &[("id", &z2)])["zone"][0], z, "createZone answers what listZones shows");
+
+    let pod = c.ok(
+        "createPod",
+        &[
+            ("name", "Pod2"),
+            ("zoneid", &z2),
+            ("gateway", "10.2.0.1"),
+            ("netmask", "255.255.255.0"),
+            ("startip", "10.2.0.10"),
+            ("endip", "10.2.0.20"),
+        ],
+    )["pod"]
+        .clone();
+    assert_eq!(pod["zoneid"], z2.as_str());
+    assert_eq!(pod["zonename"], "Zone2");
+    assert_eq!(pod["startip"][0], "10.2.0.10");
+    assert_eq!(pod["endip"][0], "10.2.0.20");
+    assert_eq!(pod["allocationstate"], "Enabled");
+    let p2 = pod["id"].as_str().unwrap().to_string();
+    let l = c.ok("listPods", &[("zoneid", &z2)]);
+    assert_eq!(l["count"], 1);
+    assert_eq!(l["pod"][0], pod);
+
+    let (st, v) = c.api(
+        "addCluster",
+        &[
+            ("clustername", "Cluster2"),
+            ("clustertype", "CloudManaged"),
+            ("hypervisor", "Simulator"),
+            ("podid", &p2),
+            ("zoneid", &z2),
+        ],
+    );
+    assert_eq!(st, 200, "{v}");
+    // CloudStack's addCluster answers a list.
+    let r = &v["addclusterresponse"];
+    assert_eq!(r["count"], 1, "{v}");
+    let cl = r["cluster"][0].clone();
+    assert_eq!(cl["name"], "Cluster2");
+    assert_eq!(cl["podid"], p2.as_str());
+    assert_eq!(cl["podname"], "Pod2");
+    assert_eq!(cl["zoneid"], z2.as_str());
+    assert_eq!(cl["zonename"], "Zone2");
+    assert_eq!(cl["hypervisortype"], "Simulator");
+    assert_eq!(cl["allocationstate"], "Enabled");
+    let l = c.ok("listClusters", &[("podid", &p2)]);
+    assert_eq!(l["count"], 1);
+    assert_eq!(l["cluster"][0], cl);
+    assert_eq!(c.ok("listClusters", &[])["count"], 2);
+
+    // Pod names are unique per zone only; ranges may not overlap within a zone only.
+    let pod_in_zone1 = c.ok(
+        "createPod",
+        &[
+            ("name", "Pod2"),
+            ("zoneid", &z1),
+            ("gateway", "10.2.0.1"),
+            ("netmask", "255.255.255.0"),
+            ("startip", "10.2.0.30"),
+            ("endip", "10.2.0.40"),
+            ("allocationstate", "Disabled"),
+        ],
+    )["pod"]
+        .clone();
+    assert_eq!(pod_in_zone1["allocationstate"], "Disabled");
+    // Cluster names are unique per pod only.
+    let (st, v) = c.api(
+        "addCluster",
+        &[
+            ("clustername", "Cluster2"),
+            ("clustertype", "CloudManaged"),
+            ("hypervisor", "simulator"),
+            ("podid", pod_in_zone1["id"].as_str().unwrap()),
+            ("zoneid", &z1),
+        ],
+    );
+    assert_eq!(st, 200, "{v}");
+
+    let events = c.ok("listEvents", &[]);
+    let count_of = |t: &str| events["event"].as_array().unwrap().iter().filter(|e| e["type"] == t).count();
+    assert_eq!((count_of("ZONE.CREATE"), count_of("POD.CREATE"), count_of("CLUSTER.CREATE")), (1, 2, 2));
+
+    // Refusals: clear 431s naming the parameter or the name, nothing written.
+    let zone = |extra: &[(&str, &str)]| {
+        let mut p =
+            vec![("name", "Zone9"), ("networktype", "Basic"), ("dns1", "8.8.8.8"), ("internaldns1", "10.9.0.1")];
+        p.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+        p.extend(extra.iter().filter(|(_, v)| !v.is_empty()));
+        c.api("createZone", &p)
+    };
+    let (st, v) = zone(&[("name", "")]);
+    assert_cs_error(st, &v, 431, "missing parameter name");
+    let (st, v) = zone(&[("internaldns1", "")]);
+    assert_cs_error(st, &v, 431, "missing parameter internaldns1");
+    let (st, v) = zone(&[("networktype", "Sideways")]);
+    assert_cs_error(st, &v, 431, "networktype");
+    let (st, v) = zone(&[("dns1", "8.8.8")]);
+    assert_cs_error(st, &v, 431, "dns1");
+    let (st, v) = zone(&[("dns2", "not-an-ip")]);
+    assert_cs_error(st, &v, 431, "dns2");
+    let (st, v) = zone(&[("allocationstate", "Maybe")]);
+    assert_cs_error(st, &v, 431, "allocationstate");
+    let (st, v) = zone(&[("name", "zone2")]);
+    assert_cs_error(st, &v, 431, "zone2 already exists");
+    let (st, v) = zone(&[("name", "   ")]);
+    assert_cs_error(st, &v, 431, "name");
+    let (st, v) = zone(&[("domainid", &z1)]);
+    assert_cs_error(st, &v, 432, "domainid");
+
+    let pod = |extra: &[(&str, &str)]| {
+        let mut p = vec![
+            ("name", "Pod9"),
+            ("zoneid", z2.as_str()),
+            ("gateway", "10.2.0.1"),
+            ("netmask", "255.255.255.0"),
+            ("startip", "10.2.0.100"),
+            ("endip", "10.2.0.110"),
+        ];
+        p.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+        p.extend(extra.iter().filter(|(_, v)| !v.is_empty()));
+        c.api("createPod", &p)
+    };
+    let (st, v) = pod(&[("netmask", "")]);
+    assert_cs_error(st, &v, 431, "missing parameter netmask");
+    let unknown = "3f1e0000-0000-4000-8000-000000000000";
+    let (st, v) = pod(&[("zoneid", unknown)]);
+    assert_cs_error(st, &v, 431, unknown);
+    let (st, v) = pod(&[("zoneid", "zone-two")]);
+    assert_cs_error(st, &v, 431, "zoneid");
+    let (st, v) = pod(&[("name", "pod2")]);
+    assert_cs_error(st, &v, 431, "pod2 already exists in zone Zone2");
+    let (st, v) = pod(&[("gateway", "10.2.0.300")]);
+    assert_cs_error(st, &v, 431, "gateway");
+    let (st, v) = pod(&[("netmask", "255.0.255.0")]);
+    assert_cs_error(st, &v, 431, "netmask");
+    let (st, v) = pod(&[("startip", "10.2.0.120")]);
+    assert_cs_error(st, &v, 431, "endip");
+    let (st, v) = pod(&[("startip", "10.3.0.100")]);
+    assert_cs_error(st, &v, 431, "startip");
+    let (st, v) = pod(&[("gateway", "10.2.0.105")]);
+    assert_cs_error(st, &v, 431, "gateway");
+    let (st, v) = pod(&[("startip", "10.2.0.15"), ("endip", "10.2.0.25")]);
+    assert_cs_error(st, &v, 431, "overlaps the range 10.2.0.10-10.2.0.20 of pod Pod2");
+    let (st, v) = pod(&[("gateway", "10.0.0.1"), ("netmask", "255.0.0.0"), ("startip", "10.0.0.2"), ("endip", "")]);
+    assert_cs_error(st, &v, 431, "at most 65536");
+
+    let cluster = |extra: &[(&str, &str)]| {
+        let mut p = vec![
+            ("clustername", "Cluster9"),
+            ("clustertype", "CloudManaged"),
+            ("hypervisor", "Simulator"),
+            ("podid", p2.as_str()),
+            ("zoneid", z2.as_str()),
+        ];
+        p.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+        p.extend(extra.iter().filter(|(_, v)| !v.is_empty()));
+        c.api("addCluster", &p)
+    };
+    let (st, v) = cluster(&[("clustername", "")]);
+    assert_cs_error(st, &v, 431, "missing parameter clustername");
+    let (st, v) = cluster(&[("podid", "")]);
+    assert_cs_error(st, &v, 431, "missing parameter podid");
+    let (st, v) = cluster(&[("hypervisor", "KVM")]);
+    assert_cs_error(st, &v, 431, "hypervisor");
+    let (st, v) = cluster(&[("clustertype", "ExternalManaged")]);
+    assert_cs_error(st, &v, 431, "clustertype");
+    let (st, v) = cluster(&[("podid", pod1["id"].as_str().unwrap())]);
+    assert_cs_error(st, &v, 431, "does not belong to zone Zone2");
+    let (st, v) = cluster(&[("podid", unknown)]);
+    assert_cs_error(st, &v, 431, unknown);
+    let (st, v) = cluster(&[("clustername", "CLUSTER2")]);
+    assert_cs_error(st, &v, 431, "CLUSTER2 already exists in pod Pod2");
+
+    // Ordinary users get CloudStack's answer for an admin command.
+    for (cmd, params) in [
+        (
+            "createZone",
+            vec![("name", "Zone8"), ("networktype", "Basic"), ("dns1", "8.8.8.8"), ("internaldns1", "10.8.0.1")],
+        ),
+        (
+            "createPod",
+            vec![
+                ("name", "Pod8"),
+                ("zoneid", &z2),
+                ("gateway", "10.2.1.1"),
+                ("netmask", "255.255.255.0"),
+                ("startip", "10.2.1.10"),
+            ],
+        ),
+        (
+            "addCluster",
+            vec![
+                ("clustername", "C8"),
+                ("clustertype", "CloudManaged"),
+                ("hypervisor", "Simulator"),
+                ("podid", &p2),
+                ("zoneid", &z2),
+            ],
+        ),
+    ] {
+        let (st, v) = c.api_as(&user, cmd, &params);
+        assert_cs_error(st, &v, 401, "not available for user");
+    }
+
+    // Nothing was written by a refusal.
+    assert_eq!(c.ok("listZones", &[])["count"], 2);
+    assert_eq!(c.ok("listPods", &[])["count"], 3);
+    assert_eq!(c.ok("listClusters", &[])["count"], 3);
+    let events = c.ok("listEvents", &[]);
+    let count_of = |t: &str| events["event"].as_array().unwrap().iter().filter(|e| e["type"] == t).count();
+    assert_eq!((count_of("ZONE.CREATE"), count_of("POD.CREATE"), count_of("CLUSTER.CREATE")), (1, 2, 2));
+
+    // A zone is Disabled unless asked (CloudStack's default): users do not see it.
+    let z3 = c.ok(
+        "createZone",
+        &[("name", "Zone3"), ("networktype", "Basic"), ("dns1", "8.8.8.8"), ("internaldns1", "10.3.0.1")],
+    )["zone"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(c.ok("listZones", &[("id", &z3)])["zone"][0]["allocationstate"], "Disabled");
+    let (_, v) = c.api_as(&user, "listZones", &[]);
+    let seen: Vec<&str> =
+        v["listzonesresponse"]["zone"].as_array().unwrap().iter().map(|z| z["name"].as_str().unwrap()).collect();
+    assert!(seen.contains(&"Zone2") && !seen.contains(&"Zone3"), "{seen:?}");
+    // A pod without endip runs to the end of its subnet.
+    let p3 = c.ok(
+        "createPod",
+        &[
+            ("name", "Pod3"),
+            ("zoneid", &z3),
+            ("gateway", "10.3.0.1"),
+            ("netmask", "255.255.255.0"),
+            ("startip", "10.3.0.10"),
+        ],
+    );
+    assert_eq!(p3["pod"]["endip"][0], "10.3.0.254");
+
+    // Deploying into the new zone: the cross-zone templates are offered there, the VM gets an
+    // address of the new pod, and with no host there the job fails for capacity (533), not 530.
+    let (_, t, o) = c.ids("Small Instance");
+    let l = c.ok("listTemplates", &[("templatefilter", "featured"), ("zoneid", &z2)]);
+    assert!(
+        l["template"].as_array().unwrap().iter().any(|x| x["id"] == t.as_str() && x["zoneid"] == z2.as_str()),
+        "{l}"
+    );
+    let r = c.ok(
+        "deployVirtualMachine",
+        &[("zoneid", &z2), ("templateid", &t), ("serviceofferingid", &o), ("name", "far1")],
+    );
+    let j = c.wait_job(r["jobid"].as_str().unwrap());
+    assert_eq!(j["jobstatus"], 2, "{j}");
+    assert_eq!(j["jobresultcode"], 533, "{j}");
+    assert!(j["jobresult"]["errortext"].as_str().unwrap().contains("Zone2"), "{j}");
+    let vm = c.vm(r["id"].as_str().unwrap());
+    assert_eq!(vm["state"], "Error");
+    assert_eq!(vm["zoneid"], z2.as_str());
+    let ip = vm["nic"][0]["ipaddress"].as_str().unwrap_or("");
+    assert!(ip.starts_with("10.2.0.") && ip != "10.2.0.1", "an address of Pod2: {ip}");
+    // A zone without any pod has no address to give: refused at once, for capacity.
+    let z4 = c.ok(
+        "createZone",
+        &[("name", "Zone4"), ("networktype", "Basic"), ("dns1", "8.8.8.8"), ("internaldns1", "10.4.0.1")],
+    )["zone"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, v) = c.api(
+        "deployVirtualMachine",
+        &[("zoneid", &z4), ("templateid", &t), ("serviceofferingid", &o), ("name", "far2")],
+    );
+    assert_cs_error(st, &v, 533, "Zone4");
+    // The seeded zone still works as before.
+    let (_, j) = c.deploy("near1", "Small Instance", &[]);
+    assert_eq!(j["jobstatus"], 1, "{j}");
+    assert_eq!(j["jobresult"]["virtualmachine"]["zoneid"], z1.as_str());
+}
+both!(create_zone_pod_cluster);
+
 fn jobs_on_one_vm_run_in_order(b: Backend) {
     let Some(c) = Cloud::start(b, 2) else { return };
     let (id, _) = c.deploy("ordered", "Small Instance", &[]);

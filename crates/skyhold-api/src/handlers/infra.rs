@@ -1,13 +1,18 @@
-//! Zones, pods, clusters, hosts, offerings, templates: small tables, filtered and paged in memory.
+//! Zones, pods, clusters, hosts, offerings, templates: small tables, filtered and paged in memory;
+//! and the admin commands that build zones, pods and clusters (`createZone`, `createPod`, `addCluster`).
 
 use super::{Ctx, HResult, cs};
-use crate::params::page_slice;
+use crate::params::{Params, page_slice};
 use crate::reply::Reply;
 use serde_json::{Value, json};
+use skyhold_core::CoreError;
 use skyhold_db::DbError;
-use skyhold_db::infra::{Host, cluster_list, host_list, offering_list, pod_list, template_list, zone_list};
+use skyhold_db::infra::{
+    Cluster, Host, Pod, Zone, cluster_list, host_list, offering_list, pod_list, template_list, zone_list,
+};
 use skyhold_types::time::cs_date;
 use skyhold_types::{CsError, ErrorCode, HostStatus};
+use std::net::Ipv4Addr;
 
 fn db(e: DbError) -> CsError {
     cs(e.into())
@@ -44,21 +49,55 @@ pub async fn list_zones(ctx: &Ctx<'_>) -> HResult {
         .filter(|z| matches_kw(&kw, &[&z.name, &z.description]))
         .filter(|z| ctx.caller.is_admin() || z.allocation_state == "Enabled")
         .collect();
-    paged(ctx, "zone", zones, |z| {
-        json!({
-            "id": z.id,
-            "name": z.name,
-            "description": z.description,
-            "dns1": z.dns1,
-            "internaldns1": z.internal_dns1,
-            "networktype": z.network_type,
-            "allocationstate": z.allocation_state,
-            "securitygroupsenabled": false,
-            "localstorageenabled": true,
-            "zonetoken": "",
-            "dhcpprovider": "VirtualRouter",
-            "tags": [],
-        })
+    paged(ctx, "zone", zones, zone_json)
+}
+
+/// A zone as CloudStack shows it (`listZones`, `createZone`).
+fn zone_json(z: &Zone) -> Value {
+    json!({
+        "id": z.id,
+        "name": z.name,
+        "description": z.description,
+        "dns1": z.dns1,
+        "internaldns1": z.internal_dns1,
+        "networktype": z.network_type,
+        "allocationstate": z.allocation_state,
+        "securitygroupsenabled": false,
+        "localstorageenabled": true,
+        "zonetoken": "",
+        "dhcpprovider": "VirtualRouter",
+        "tags": [],
+    })
+}
+
+/// A pod as CloudStack shows it (`listPods`, `createPod`).
+fn pod_json(x: &Pod, zone_name: &str) -> Value {
+    json!({
+        "id": x.id,
+        "name": x.name,
+        "zoneid": x.zone_id,
+        "zonename": zone_name,
+        "gateway": x.gateway,
+        "netmask": x.netmask,
+        "startip": [x.start_ip],
+        "endip": [x.end_ip],
+        "allocationstate": x.allocation_state,
+    })
+}
+
+/// A cluster as CloudStack shows it (`listClusters`, `addCluster`).
+fn cluster_json(x: &Cluster, zone_name: &str, pod_name: &str) -> Value {
+    json!({
+        "id": x.id,
+        "name": x.name,
+        "zoneid": x.zone_id,
+        "zonename": zone_name,
+        "podid": x.pod_id,
+        "podname": pod_name,
+        "hypervisortype": x.hypervisor,
+        "clustertype": "CloudManaged",
+        "allocationstate": x.allocation_state,
+        "managedstate": "Managed",
     })
 }
 
@@ -77,18 +116,7 @@ pub async fn list_pods(ctx: &Ctx<'_>) -> HResult {
         .filter(|x| matches_kw(&kw, &[&x.name]))
         .collect();
     paged(ctx, "pod", pods, |x| {
-        let zname = zones.iter().find(|z| z.id == x.zone_id).map(|z| z.name.as_str()).unwrap_or("");
-        json!({
-            "id": x.id,
-            "name": x.name,
-            "zoneid": x.zone_id,
-            "zonename": zname,
-            "gateway": x.gateway,
-            "netmask": x.netmask,
-            "startip": [x.start_ip],
-            "endip": [x.end_ip],
-            "allocationstate": x.allocation_state,
-        })
+        pod_json(x, zones.iter().find(|z| z.id == x.zone_id).map(|z| z.name.as_str()).unwrap_or(""))
     })
 }
 
@@ -110,18 +138,11 @@ pub async fn list_clusters(ctx: &Ctx<'_>) -> HResult {
         .filter(|x| matches_kw(&kw, &[&x.name]))
         .collect();
     paged(ctx, "cluster", clusters, |x| {
-        json!({
-            "id": x.id,
-            "name": x.name,
-            "zoneid": x.zone_id,
-            "zonename": zones.iter().find(|z| z.id == x.zone_id).map(|z| z.name.as_str()).unwrap_or(""),
-            "podid": x.pod_id,
-            "podname": pods.iter().find(|z| z.id == x.pod_id).map(|z| z.name.as_str()).unwrap_or(""),
-            "hypervisortype": x.hypervisor,
-            "clustertype": "CloudManaged",
-            "allocationstate": x.allocation_state,
-            "managedstate": "Managed",
-        })
+        cluster_json(
+            x,
+            zones.iter().find(|z| z.id == x.zone_id).map(|z| z.name.as_str()).unwrap_or(""),
+            pods.iter().find(|z| z.id == x.pod_id).map(|z| z.name.as_str()).unwrap_or(""),
+        )
     })
 }
 
@@ -425,4 +446,369 @@ pub async fn list_templates(ctx: &Ctx<'_>) -> HResult {
 
 pub async fn list_hypervisors(_ctx: &Ctx<'_>) -> HResult {
     Ok(Reply::list("hypervisor", vec![json!({ "name": "Simulator" })], 1))
+}
+
+// ---- Creating zones, pods and clusters (admin) ----
+
+/// Most addresses one pod may hold (one `pod_ip` row each; `pod_insert` enforces it too).
+const POD_MAX_ADDRESSES: u64 = 65_536;
+
+/// `allocationstate` of a new zone, pod or cluster (CloudStack's `Enabled` / `Disabled`).
+fn allocation_state(p: &Params, default: &'static str) -> Result<&'static str, CsError> {
+    match p.get("allocationstate") {
+        None => Ok(default),
+        Some(s) if s.eq_ignore_ascii_case("enabled") => Ok("Enabled"),
+        Some(s) if s.eq_ignore_ascii_case("disabled") => Ok("Disabled"),
+        Some(_) => Err(p.invalid("allocationstate", "must be Enabled or Disabled")),
+    }
+}
+
+/// A required name: 1-255 characters, no control characters, no surrounding spaces.
+fn req_name(p: &Params, name: &str) -> Result<String, CsError> {
+    let v = p.text(name, 255)?.ok_or_else(|| p.missing(name))?;
+    if v.trim().is_empty() || v.trim() != v {
+        return Err(p.invalid(name, "must not be blank or start or end with spaces"));
+    }
+    Ok(v)
+}
+
+fn ipv4(p: &Params, name: &str) -> Result<Option<Ipv4Addr>, CsError> {
+    match p.get(name) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| p.invalid(name, "not an IPv4 address")),
+    }
+}
+
+fn req_ipv4(p: &Params, name: &str) -> Result<Ipv4Addr, CsError> {
+    ipv4(p, name)?.ok_or_else(|| p.missing(name))
+}
+
+/// A pod's checked addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PodRange {
+    start: Ipv4Addr,
+    end: Ipv4Addr,
+}
+
+/// Check a pod's network as CloudStack does: the netmask is a subnet mask, the range lies in the
+/// gateway's subnet, start <= end, the gateway is outside the range; plus Skyhold's limits: no
+/// network or broadcast address in the range, at most [`POD_MAX_ADDRESSES`] addresses. Without
+/// `end`, the range runs to the subnet's last usable address (CloudStack's default).
+/// Err: the parameter at fault and why.
+fn pod_range(
+    gateway: Ipv4Addr,
+    netmask: Ipv4Addr,
+    start: Ipv4Addr,
+    end: Option<Ipv4Addr>,
+) -> Result<PodRange, (&'static str, String)> {
+    let mask = u32::from(netmask);
+    let prefix = mask.leading_ones();
+    if prefix + mask.trailing_zeros() != 32 {
+        return Err(("netmask", "not a subnet mask (its one bits must be contiguous)".into()));
+    }
+    if !(1..=30).contains(&prefix) {
+        return Err(("netmask", format!("a /{prefix} subnet has no room for a pod (use /1 to /30)")));
+    }
+    let net = u32::from(gateway) & mask;
+    let bcast = net | !mask;
+    let subnet = format!("{}/{prefix}", Ipv4Addr::from(net));
+    let usable = |ip: u32| ip != net && ip != bcast;
+    if !usable(u32::from(gateway)) {
+        return Err(("gateway", format!("is the network or broadcast address of its subnet {subnet}")));
+    }
+    let (s, e) = (u32::from(start), end.map(u32::from).unwrap_or(bcast - 1));
+    for (param, ip) in [("startip", s), ("endip", e)] {
+        if ip & mask != net {
+            return Err((param, format!("{} is not in the gateway's subnet {subnet}", Ipv4Addr::from(ip))));
+        }
+        if !usable(ip) {
+            return Err((param, format!("{} is the network or broadcast address of {subnet}", Ipv4Addr::from(ip))));
+        }
+    }
+    if s > e {
+        return Err(("endip", format!("the range {start}-{} ends before it starts", Ipv4Addr::from(e))));
+    }
+    let count = u64::from(e - s) + 1;
+    if count > POD_MAX_ADDRESSES {
+        return Err((
+            "endip",
+            format!(
+                "the range {start}-{} holds {count} addresses; a pod holds at most {POD_MAX_ADDRESSES}",
+                Ipv4Addr::from(e)
+            ),
+        ));
+    }
+    if (s..=e).contains(&u32::from(gateway)) {
+        return Err(("gateway", format!("{gateway} is inside the range {start}-{}", Ipv4Addr::from(e))));
+    }
+    Ok(PodRange { start, end: Ipv4Addr::from(e) })
+}
+
+/// The stored range of an existing pod, if it reads as one.
+fn stored_range(p: &Pod) -> Option<(u32, u32)> {
+    let s: Ipv4Addr = p.start_ip.parse().ok()?;
+    let e: Ipv4Addr = p.end_ip.parse().ok()?;
+    Some((u32::from(s), u32::from(e)))
+}
+
+pub async fn create_zone(ctx: &Ctx<'_>) -> HResult {
+    let p = ctx.p;
+    let name = req_name(p, "name")?;
+    let network_type = match p.req("networktype")? {
+        t if t.eq_ignore_ascii_case("basic") => "Basic",
+        t if t.eq_ignore_ascii_case("advanced") => "Advanced",
+        _ => return Err(p.invalid("networktype", "must be Basic or Advanced")),
+    };
+    let dns1 = req_ipv4(p, "dns1")?;
+    let internal_dns1 = req_ipv4(p, "internaldns1")?;
+    // CloudStack's optional extras: checked, but a Skyhold zone keeps one DNS of each kind and
+    // no network domain.
+    ipv4(p, "dns2")?;
+    ipv4(p, "internaldns2")?;
+    p.text("domain", 255)?;
+    if p.get("domainid").is_some() {
+        return Err(CsError::new(
+            ErrorCode::Unsupported,
+            "zones dedicated to a domain (domainid) are not supported: every zone is public",
+        ));
+    }
+    if p.bool("securitygroupenabled")? == Some(true) {
+        return Err(CsError::new(ErrorCode::Unsupported, "security groups are not supported (securitygroupenabled)"));
+    }
+    // CloudStack creates zones Disabled unless told otherwise: users see them once enabled.
+    let state = allocation_state(p, "Disabled")?;
+    let zone = Zone {
+        id: uuid::Uuid::new_v4().to_string(),
+        name,
+        description: String::new(),
+        network_type: network_type.into(),
+        dns1: dns1.to_string(),
+        internal_dns1: internal_dns1.to_string(),
+        allocation_state: state.into(),
+        created_ms: 0,
+    };
+    let taken =
+        || CsError::param(format!("A zone with name {} already exists. Please specify a unique zone name.", zone.name));
+    let owner = ctx.caller.owner();
+    skyhold_db::retry_tx!(ctx.core.db(), |tx| {
+        async {
+            match skyhold_db::infra::zone_find_by_name(&mut tx, &zone.name).await? {
+                // A rerun after a lost COMMIT answer: the first attempt did commit.
+                Some(z) if z.id == zone.id => return Ok(()),
+                Some(_) => return Err(CoreError::Cs(taken())),
+                None => {}
+            }
+            skyhold_db::infra::zone_insert(&mut tx, &zone)
+                .await
+                .map_err(|e| if e.is_unique_violation() { CoreError::Cs(taken()) } else { e.into() })?;
+            skyhold_core::events::record(
+                &mut tx,
+                &owner,
+                "ZONE.CREATE",
+                "INFO",
+                format!("Zone {} created ({network_type}, {state})", zone.name),
+                Some(("Zone", &zone.id)),
+            )
+            .await?;
+            Ok::<(), CoreError>(())
+        }
+        .await
+    })
+    .map_err(cs)?;
+    tracing::info!(zone = %zone.name, id = %zone.id, "zone created");
+    Ok(Reply::Obj(json!({ "zone": zone_json(&zone) })))
+}
+
+pub async fn create_pod(ctx: &Ctx<'_>) -> HResult {
+    let p = ctx.p;
+    let name = req_name(p, "name")?;
+    let zone_id = p.req_uuid("zoneid")?;
+    let gateway = req_ipv4(p, "gateway")?;
+    let netmask = req_ipv4(p, "netmask")?;
+    let start = req_ipv4(p, "startip")?;
+    let end = ipv4(p, "endip")?;
+    let state = allocation_state(p, "Enabled")?;
+    let range = pod_range(gateway, netmask, start, end).map_err(|(param, why)| {
+        if p.get(param).is_some() {
+            p.invalid(param, &why)
+        } else {
+            // endip left out: the range runs to the end of the subnet.
+            CsError::param(format!(
+                "Unable to execute API command {} due to invalid value: {why} (give endip to end it sooner)",
+                p.cmd_lc
+            ))
+        }
+    })?;
+    let pod = Pod {
+        id: uuid::Uuid::new_v4().to_string(),
+        zone_id,
+        name,
+        gateway: gateway.to_string(),
+        netmask: netmask.to_string(),
+        start_ip: range.start.to_string(),
+        end_ip: range.end.to_string(),
+        allocation_state: state.into(),
+        created_ms: 0,
+    };
+    let (s, e) = (u32::from(range.start), u32::from(range.end));
+    let owner = ctx.caller.owner();
+    let zone_name = skyhold_db::retry_tx!(ctx.core.db(), |tx| {
+        async {
+            // The zone's row lock orders concurrent pod creations in it (name and range checks).
+            let Some(zone) = skyhold_db::infra::zone_fetch_for_update(&mut tx, &pod.zone_id).await? else {
+                return Err(CoreError::param(format!("Unable to find zone with specified id {}", pod.zone_id)));
+            };
+            let pods = skyhold_db::infra::pod_list_by_zone(&mut tx, &zone.id).await?;
+            if pods.iter().any(|x| x.id == pod.id) {
+                // A rerun after a lost COMMIT answer: the first attempt did commit.
+                return Ok(zone.name);
+            }
+            if pods.iter().any(|x| x.name.to_lowercase() == pod.name.to_lowercase()) {
+                return Err(CoreError::param(format!(
+                    "A pod with name {} already exists in zone {}. Please specify a different pod name.",
+                    pod.name, zone.name
+                )));
+            }
+            if let Some(o) = pods.iter().find(|x| stored_range(x).is_some_and(|(os, oe)| s <= oe && os <= e)) {
+                return Err(CoreError::param(format!(
+                    "The range {}-{} overlaps the range {}-{} of pod {} in zone {}",
+                    pod.start_ip, pod.end_ip, o.start_ip, o.end_ip, o.name, zone.name
+                )));
+            }
+            skyhold_db::infra::pod_insert(&mut tx, &pod).await?;
+            skyhold_core::events::record(
+                &mut tx,
+                &owner,
+                "POD.CREATE",
+                "INFO",
+                format!(
+                    "Pod {} created in zone {} with addresses {}-{} ({state})",
+                    pod.name, zone.name, pod.start_ip, pod.end_ip
+                ),
+                Some(("Pod", &pod.id)),
+            )
+            .await?;
+            Ok::<String, CoreError>(zone.name)
+        }
+        .await
+    })
+    .map_err(cs)?;
+    tracing::info!(pod = %pod.name, id = %pod.id, zone = %zone_name, "pod created");
+    Ok(Reply::Obj(json!({ "pod": pod_json(&pod, &zone_name) })))
+}
+
+/// CloudStack's `addCluster` (there is no `createCluster`): answers a list of one cluster.
+pub async fn add_cluster(ctx: &Ctx<'_>) -> HResult {
+    let p = ctx.p;
+    let name = req_name(p, "clustername")?;
+    match p.req("clustertype")? {
+        t if t.eq_ignore_ascii_case("cloudmanaged") => {}
+        t if t.eq_ignore_ascii_case("externalmanaged") => {
+            return Err(
+                p.invalid("clustertype", "ExternalManaged (vCenter) clusters are not supported; use CloudManaged")
+            );
+        }
+        _ => return Err(p.invalid("clustertype", "must be CloudManaged or ExternalManaged")),
+    }
+    let hypervisor = p.req("hypervisor")?;
+    if !hypervisor.eq_ignore_ascii_case("simulator") {
+        return Err(p.invalid("hypervisor", "Skyhold manages Simulator hosts only"));
+    }
+    let pod_id = p.req_uuid("podid")?;
+    let zone_id = p.req_uuid("zoneid")?;
+    let state = allocation_state(p, "Enabled")?;
+    let cluster = Cluster {
+        id: uuid::Uuid::new_v4().to_string(),
+        zone_id,
+        pod_id,
+        name,
+        hypervisor: "Simulator".into(),
+        allocation_state: state.into(),
+        created_ms: 0,
+    };
+    let owner = ctx.caller.owner();
+    let (zone_name, pod_name) = skyhold_db::retry_tx!(ctx.core.db(), |tx| {
+        async {
+            let zones = zone_list(&mut tx).await?;
+            let Some(zone) = zones.iter().find(|z| z.id == cluster.zone_id) else {
+                return Err(CoreError::param(format!("Unable to find zone with specified id {}", cluster.zone_id)));
+            };
+            // The pod's row lock orders concurrent cluster creations in it (name check).
+            let Some(pod) = skyhold_db::infra::pod_fetch_for_update(&mut tx, &cluster.pod_id).await? else {
+                return Err(CoreError::param(format!("Unable to find pod with specified id {}", cluster.pod_id)));
+            };
+            if pod.zone_id != zone.id {
+                return Err(CoreError::param(format!(
+                    "Pod {} ({}) does not belong to zone {} ({})",
+                    pod.name, pod.id, zone.name, zone.id
+                )));
+            }
+            match skyhold_db::infra::cluster_find_by_name(&mut tx, &pod.id, &cluster.name).await? {
+                // A rerun after a lost COMMIT answer: the first attempt did commit.
+                Some(c) if c.id == cluster.id => return Ok((zone.name.clone(), pod.name)),
+                Some(_) => {
+                    return Err(CoreError::param(format!(
+                        "A cluster with name {} already exists in pod {}",
+                        cluster.name, pod.name
+                    )));
+                }
+                None => {}
+            }
+            skyhold_db::infra::cluster_insert(&mut tx, &cluster).await?;
+            skyhold_core::events::record(
+                &mut tx,
+                &owner,
+                "CLUSTER.CREATE",
+                "INFO",
+                format!("Cluster {} created in pod {} of zone {} ({state})", cluster.name, pod.name, zone.name),
+                Some(("Cluster", &cluster.id)),
+            )
+            .await?;
+            Ok::<(String, String), CoreError>((zone.name.clone(), pod.name))
+        }
+        .await
+    })
+    .map_err(cs)?;
+    tracing::info!(cluster = %cluster.name, id = %cluster.id, pod = %pod_name, "cluster created");
+    Ok(Reply::list("cluster", vec![cluster_json(&cluster, &zone_name, &pod_name)], 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn range(gw: &str, mask: &str, start: &str, end: Option<&str>) -> Result<(String, String), &'static str> {
+        pod_range(ip(gw), ip(mask), ip(start), end.map(ip))
+            .map(|r| (r.start.to_string(), r.end.to_string()))
+            .map_err(|(param, _)| param)
+    }
+
+    #[test]
+    fn pod_ranges() {
+        let ok = |s: &str, e: &str| Ok((s.to_string(), e.to_string()));
+        // Given, and defaulted to the subnet's last usable address.
+        assert_eq!(range("10.2.0.1", "255.255.255.0", "10.2.0.10", Some("10.2.0.20")), ok("10.2.0.10", "10.2.0.20"));
+        assert_eq!(range("10.2.0.1", "255.255.255.0", "10.2.0.10", None), ok("10.2.0.10", "10.2.0.254"));
+        assert_eq!(range("10.1.0.1", "255.255.192.0", "10.1.0.10", None), ok("10.1.0.10", "10.1.63.254"));
+        // A single address.
+        assert_eq!(range("10.2.0.1", "255.255.255.0", "10.2.0.9", Some("10.2.0.9")), ok("10.2.0.9", "10.2.0.9"));
+        // Refusals name the parameter.
+        assert_eq!(range("10.2.0.1", "255.0.255.0", "10.2.0.10", None), Err("netmask"));
+        assert_eq!(range("10.2.0.1", "255.255.255.255", "10.2.0.1", None), Err("netmask"));
+        assert_eq!(range("10.2.0.1", "255.255.255.0", "10.3.0.10", None), Err("startip"));
+        assert_eq!(range("10.2.0.1", "255.255.255.0", "10.2.0.10", Some("10.2.1.10")), Err("endip"));
+        assert_eq!(range("10.2.0.1", "255.255.255.0", "10.2.0.20", Some("10.2.0.10")), Err("endip"));
+        assert_eq!(range("10.2.0.1", "255.255.255.0", "10.2.0.0", Some("10.2.0.10")), Err("startip"));
+        assert_eq!(range("10.2.0.1", "255.255.255.0", "10.2.0.10", Some("10.2.0.255")), Err("endip"));
+        assert_eq!(range("10.2.0.5", "255.255.255.0", "10.2.0.1", Some("10.2.0.10")), Err("gateway"));
+        assert_eq!(range("10.2.0.0", "255.255.255.0", "10.2.0.10", None), Err("gateway"));
+        // At most 65536 addresses: a /16 fits, a /15 by default does not.
+        assert!(range("10.0.0.1", "255.254.0.0", "10.0.0.2", Some("10.0.255.255")).is_ok());
+        assert_eq!(range("10.0.0.1", "255.254.0.0", "10.0.0.2", None), Err("endip"));
+        assert_eq!(range("10.0.0.1", "255.0.0.0", "10.0.0.2", Some("10.1.0.2")), Err("endip"));
+    }
 }
