@@ -679,3 +679,99 @@ fn host_is_connecting_until_its_first_report() {
     });
     assert!(gone.is_some(), "Disconnected once the connection closed");
 }
+
+/// HA restarts stay in the failed host's cluster and never cross zones: the dead host's only
+/// neighbour in its cluster has no room for its VMs, a host of a second zone (built through the
+/// API, its agent placed there with `--zone`/`--cluster`) has room for all of them, and gets none:
+/// the VMs are given up after `max.retries`, Stopped, with an alert.
+#[test]
+fn ha_restarts_never_cross_zones() {
+    let Some(mut ha) = Ha::start(backend()) else { return };
+    ha.c.allow_error_logs = true;
+    ha.set("max.retries", "1");
+    ha.set("restart.retry.interval", "1");
+    let zone = ha.c.ok(
+        "createZone",
+        &[
+            ("name", "west"),
+            ("networktype", "Basic"),
+            ("dns1", "192.0.2.53"),
+            ("internaldns1", "192.0.2.54"),
+            ("allocationstate", "Enabled"),
+        ],
+    )["zone"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pod = ha.c.ok(
+        "createPod",
+        &[
+            ("zoneid", &zone),
+            ("name", "west-pod"),
+            ("gateway", "10.20.0.1"),
+            ("netmask", "255.255.255.0"),
+            ("startip", "10.20.0.10"),
+            ("endip", "10.20.0.250"),
+        ],
+    )["pod"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let added = ha.c.ok(
+        "addCluster",
+        &[
+            ("zoneid", &zone),
+            ("podid", &pod),
+            ("clustername", "west-cluster"),
+            ("clustertype", "CloudManaged"),
+            ("hypervisor", "Simulator"),
+        ],
+    );
+    let cluster = added["cluster"][0]["id"].as_str().unwrap().to_string();
+    let a = ha.agent("a", None, &[]);
+    ha.agent("a2", None, &["--host-mem-mb", "512"]);
+    ha.agent("w", None, &["--zone", "west", "--cluster", "west-cluster"]);
+    ha.wait_up(&["a", "a2", "w"]);
+    let w = ha.host("w");
+    assert_eq!((w["zoneid"].as_str(), w["clusterid"].as_str()), (Some(zone.as_str()), Some(cluster.as_str())), "{w}");
+    assert_ne!(ha.host("a")["zoneid"], zone.as_str());
+    // An agent naming a place that does not exist is refused with the reason (its host never
+    // appears).
+    ha.agent("lost", None, &["--zone", "north"]);
+    let refused = wait_for(Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(ha.c.path("lost.log")).unwrap_or_default();
+        log.contains("zone 'north' does not exist").then_some(())
+    });
+    assert!(refused.is_some(), "the agent logs the refusal");
+    assert!(ha.c.ok("listHosts", &[("name", "lost-h0")])["host"].as_array().is_none_or(|h| h.is_empty()));
+
+    let host_a = ha.host_id("a");
+    let vms: Vec<String> = (0..2).map(|i| ha.deploy_on(&format!("zoned{i}"), "HA Instance", &host_a)).collect();
+    ha.kill_host(a);
+    ha.wait_event("HOST.HA.FENCED", Duration::from_secs(60));
+    let gave_up = wait_for(Duration::from_secs(60), || {
+        let e = ha.events("VM.HA.FAILED");
+        (e.len() >= vms.len()).then_some(e)
+    });
+    let gave_up = gave_up.expect("both VMs given up");
+    for e in &gave_up {
+        let d = e["description"].as_str().unwrap_or("");
+        assert!(d.contains("HA gave up restarting VM zoned"), "{d}");
+    }
+    for id in &vms {
+        let v = ha.c.vm(id);
+        assert_eq!(v["state"], "Stopped", "{v}");
+    }
+    assert!(ha.events("VM.HA.RESTART").is_empty(), "no restart anywhere");
+    // Ground truth: the west host never started them.
+    let running = ha.check_ledger();
+    for id in &vms {
+        assert_eq!(running.get(id), None, "{id} runs nowhere");
+    }
+    let w_starts: Vec<Value> =
+        ha.c.ledger_entries()
+            .into_iter()
+            .filter(|e| e["host"] == "w-h0" && vms.iter().any(|v| e["vm"] == v.as_str()))
+            .collect();
+    assert!(w_starts.is_empty(), "the other zone's host never saw them: {w_starts:?}");
+}
