@@ -5,6 +5,7 @@
 pub struct HostCap {
     pub id: String,
     pub zone_id: String,
+    pub pod_id: String,
     pub cluster_id: String,
     pub up: bool,
     pub enabled: bool,
@@ -28,6 +29,7 @@ pub fn caps_of(hosts: &[skyhold_db::infra::Host]) -> Vec<HostCap> {
         .map(|h| HostCap {
             id: h.id.clone(),
             zone_id: h.zone_id.clone(),
+            pod_id: h.pod_id.clone(),
             cluster_id: h.cluster_id.clone(),
             up: h.status == "Up",
             enabled: h.resource_state == "Enabled",
@@ -54,6 +56,8 @@ pub struct Request<'a> {
     pub avoid_tag: Option<&'a str>,
     /// Only hosts carrying this tag (HA restarts when `ha.tag` is set).
     pub require_tag: Option<&'a str>,
+    /// Only hosts of this pod (the VM's address belongs to its pod's range).
+    pub pod_id: Option<&'a str>,
     /// Only hosts of this cluster (HA restarts stay in the failed host's cluster).
     pub cluster_id: Option<&'a str>,
     /// Hosts already tried and refused in this placement.
@@ -77,6 +81,7 @@ pub fn choose_host<'h>(hosts: &'h [HostCap], req: &Request<'_>) -> Result<&'h Ho
     let usable = |h: &&HostCap| {
         h.up && h.enabled
             && h.zone_id == req.zone_id
+            && req.pod_id.is_none_or(|p| h.pod_id == p)
             && req.cluster_id.is_none_or(|c| h.cluster_id == c)
             && !req.exclude.iter().any(|x| x == &h.id)
     };
@@ -114,6 +119,7 @@ mod tests {
         HostCap {
             id: id.into(),
             zone_id: zone.into(),
+            pod_id: "p1".into(),
             cluster_id: "c1".into(),
             up: true,
             enabled: true,
@@ -134,6 +140,7 @@ mod tests {
             preferred_host: None,
             avoid_tag: None,
             require_tag: None,
+            pod_id: None,
             cluster_id: None,
             exclude: &[],
         }
@@ -163,6 +170,18 @@ mod tests {
         let hosts = vec![a, b, t];
         let r = Request { cluster_id: Some("c1"), require_tag: None, ..req("z1") };
         assert_eq!(choose_host(&hosts, &r).err(), Some(NoHost::NoCapacity));
+    }
+
+    #[test]
+    fn a_vm_stays_in_the_pod_of_its_address() {
+        let mut b = h("b", "z1", 0, 0);
+        b.pod_id = "p2".into();
+        let hosts = vec![h("a", "z1", 0, 4096), b];
+        assert_eq!(choose_host(&hosts, &req("z1")).unwrap().id, "b");
+        let r = Request { pod_id: Some("p1"), ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "a");
+        let r = Request { pod_id: Some("p1"), required_host: Some("b"), ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).err(), Some(NoHost::RequiredHostUnusable));
     }
 
     #[test]

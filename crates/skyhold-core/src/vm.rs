@@ -122,16 +122,42 @@ impl Core {
                     .into_iter()
                     .find(|o| o.id == req.offering_id)
                     .ok_or_else(|| not_found("service offering", &req.offering_id))?;
-                if let Some(h) = &req.host_id
-                    && skyhold_db::infra::host_fetch(c, h).await?.is_none()
-                {
-                    return Err(not_found("host", h));
-                }
+                // The VM's address comes from a pod's range, and it runs only in that pod: the
+                // required host's pod, or the first Enabled pod of the zone with a free address.
+                let host_pod = match &req.host_id {
+                    Some(h) => match skyhold_db::infra::host_fetch(c, h).await? {
+                        None => return Err(not_found("host", h)),
+                        Some(host) if host.zone_id != zone.id => {
+                            return Err(CoreError::param(format!(
+                                "host {} is not in zone {} (parameter hostid)",
+                                host.name, zone.name
+                            )));
+                        }
+                        Some(host) => Some(host.pod_id),
+                    },
+                    None => None,
+                };
                 let pods: Vec<_> = skyhold_db::infra::pod_list(c)
                     .await?
                     .into_iter()
                     .filter(|p| p.zone_id == zone.id && p.allocation_state == "Enabled")
+                    .filter(|p| host_pod.as_ref().is_none_or(|hp| &p.id == hp))
                     .collect();
+                if pods.is_empty() {
+                    return Err(CoreError::cs(
+                        ErrorCode::InsufficientCapacity,
+                        match host_pod {
+                            Some(_) => format!(
+                                "Insufficient address capacity: the pod of the host is not Enabled in zone {}",
+                                zone.name
+                            ),
+                            None => format!(
+                                "Insufficient address capacity: zone {} has no Enabled pod with a guest IP range",
+                                zone.name
+                            ),
+                        },
+                    ));
+                }
                 Ok::<_, CoreError>((zone, template, offering, pods))
             }
             .await
@@ -177,6 +203,20 @@ impl Core {
                         caller.account_name
                     )));
                 }
+                let nic_id = uuid::Uuid::new_v4().to_string();
+                let mut placed = None;
+                for p in &pods {
+                    if let Some(ip) = skyhold_db::infra::pod_ip_allocate(&mut tx, &p.id, &nic_id).await? {
+                        placed = Some((p, ip));
+                        break;
+                    }
+                }
+                let Some((pod, ip)) = placed else {
+                    return Err(CoreError::cs(
+                        ErrorCode::InsufficientCapacity,
+                        format!("Insufficient address capacity: no free IP address left in zone {}", zone.name),
+                    ));
+                };
                 vm_insert(
                     &mut tx,
                     &NewVm {
@@ -189,7 +229,7 @@ impl Core {
                         domain_id: caller.domain_id.clone(),
                         user_id: caller.user_id.clone(),
                         zone_id: zone.id.clone(),
-                        pod_id: None,
+                        pod_id: Some(pod.id.clone()),
                         template_id: template.id.clone(),
                         offering_id: offering.id.clone(),
                         cpu: offering.cpu,
@@ -214,20 +254,6 @@ impl Core {
                     },
                 )
                 .await?;
-                let nic_id = uuid::Uuid::new_v4().to_string();
-                let mut placed = None;
-                for p in &pods {
-                    if let Some(ip) = skyhold_db::infra::pod_ip_allocate(&mut tx, &p.id, &nic_id).await? {
-                        placed = Some((p, ip));
-                        break;
-                    }
-                }
-                let Some((pod, ip)) = placed else {
-                    return Err(CoreError::cs(
-                        ErrorCode::InsufficientCapacity,
-                        format!("Insufficient address capacity: no free IP address left in zone {}", zone.name),
-                    ));
-                };
                 nic_insert(
                     &mut tx,
                     &Nic {

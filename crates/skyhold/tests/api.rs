@@ -715,7 +715,7 @@ fn create_zone_pod_cluster(b: Backend) {
         "deployVirtualMachine",
         &[("zoneid", &z4), ("templateid", &t), ("serviceofferingid", &o), ("name", "far2")],
     );
-    assert_cs_error(st, &v, 533, "Zone4");
+    assert_cs_error(st, &v, 533, "zone Zone4 has no Enabled pod with a guest IP range");
     // The seeded zone still works as before.
     let (_, j) = c.deploy("near1", "Small Instance", &[]);
     assert_eq!(j["jobstatus"], 1, "{j}");

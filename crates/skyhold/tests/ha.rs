@@ -735,6 +735,17 @@ fn ha_restarts_never_cross_zones() {
     let w = ha.host("w");
     assert_eq!((w["zoneid"].as_str(), w["clusterid"].as_str()), (Some(zone.as_str()), Some(cluster.as_str())), "{w}");
     assert_ne!(ha.host("a")["zoneid"], zone.as_str());
+    // A VM deployed in the west zone runs on its host, with an address of its pod.
+    let (_, t, o) = ha.c.ids("Small Instance");
+    let r = ha.c.ok(
+        "deployVirtualMachine",
+        &[("zoneid", &zone), ("templateid", &t), ("serviceofferingid", &o), ("name", "west1")],
+    );
+    let j = ha.c.wait_job(r["jobid"].as_str().unwrap());
+    assert_eq!(j["jobstatus"], 1, "{j}");
+    let v = ha.c.vm(r["id"].as_str().unwrap());
+    assert_eq!(v["hostname"], "w-h0", "{v}");
+    assert!(v["nic"][0]["ipaddress"].as_str().unwrap_or("").starts_with("10.20.0."), "{v}");
     // An agent naming a place that does not exist is refused with the reason (its host never
     // appears).
     ha.agent("lost", None, &["--zone", "north"]);

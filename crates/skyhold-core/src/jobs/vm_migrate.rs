@@ -218,6 +218,7 @@ async fn plan(ctx: &JobCtx) -> Result<Option<Value>, CoreError> {
                 preferred_host: None,
                 avoid_tag: Some(ha_tag.as_str()),
                 require_tag: None,
+                pod_id: None,
                 cluster_id: Some(&source.cluster_id),
                 exclude: &exclude,
             };

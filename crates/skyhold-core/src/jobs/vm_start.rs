@@ -154,6 +154,7 @@ async fn plan(
                 preferred_host: vm.last_host_id.as_deref(),
                 avoid_tag: if ha { None } else { Some(ha_tag.as_str()) },
                 require_tag: if ha { Some(ha_tag.as_str()) } else { None },
+                pod_id: vm.pod_id.as_deref(),
                 cluster_id: if ha { ha_cluster.as_deref() } else { None },
                 exclude,
             };
