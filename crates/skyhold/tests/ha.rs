@@ -209,6 +209,11 @@ fn dead_host_ha_vms_restart_elsewhere() {
         "{alerts:?}"
     );
     assert!(alerts.iter().any(|a| a["type"] == 8 && a["description"].as_str().unwrap_or("").contains("doomed")));
+    let restarted = alerts
+        .iter()
+        .filter(|a| a["type"] == 8 && a["description"].as_str().unwrap_or("").contains("restarted by HA on host c-h0"))
+        .count();
+    assert_eq!(restarted, 3, "one alert per HA restart: {alerts:?}");
     let st = ha.ha_status();
     assert_eq!(st["work_by_state"]["Done"], 3, "{st}");
     assert_eq!(st["work_by_state"]["Failed"], 1, "{st}");

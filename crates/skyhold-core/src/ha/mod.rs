@@ -648,10 +648,14 @@ async fn run_work(core: &Core, owner: &EventOwner, now: i64) -> Result<bool, Cor
                             &vm_owner,
                             "VM.HA.RESTART",
                             "INFO",
-                            text,
+                            text.clone(),
                             Some(("VirtualMachine", &w.vm_id)),
                         )
                         .await?;
+                        // An alert too, as CloudStack raises for every VM its HA restarts.
+                        if let Some(v) = &vm {
+                            vm_alert(&mut tx, v, &text).await?;
+                        }
                     }
                 } else if attempts >= max {
                     if hostha::work_update(
