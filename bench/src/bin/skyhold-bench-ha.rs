@@ -803,7 +803,7 @@ fn measure(
     let victim_guid = victim.guid.clone();
     let mut entries: Vec<Value> = Vec::new();
     for a in &rig.agents {
-        entries.extend(read_ledger(&a.ledger)?);
+        entries.extend(skyhold_testkit::ledger::read_ledger(&a.ledger)?);
     }
     let db_now = rt.block_on(vm_states(&db))?;
     let check = check_ledger(&entries, &victim_guid, death_ms, &vm_ids, &db_now, &guid_of);
@@ -1019,18 +1019,6 @@ fn bmc_power_off_ms(bmc: &Bmc) -> Option<i64> {
 // Ground truth
 // ---------------------------------------------------------------------------------------------
 
-fn read_ledger(path: &Path) -> Result<Vec<Value>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
-    };
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).with_context(|| format!("ledger line of {}: {l}", path.display())))
-        .collect()
-}
-
 struct LedgerCheck {
     problems: Vec<String>,
     /// Where each of the N VMs runs at the end (host guid).
@@ -1040,8 +1028,8 @@ struct LedgerCheck {
     victim_self_stops: usize,
 }
 
-/// Replay the ledgers in `ts_ms` order, with the victim dead from `death_ms` (the rule of
-/// `check_ledger` in `crates/skyhold/tests/common/mod.rs`, reporting instead of panicking):
+/// Replay the ledgers in `ts_ms` order, with the victim dead from `death_ms`
+/// (`skyhold_testkit::ledger::replay_ledger`, as the tests do):
 /// every `(job, step)` executed at most once; a VM never running on two hosts; and each of the
 /// N VMs started exactly once on another host, running there at the end, where the database says
 /// it runs.
@@ -1058,46 +1046,17 @@ fn check_ledger(
     l.push(json!({ "kind": "host_dead", "host": victim_guid, "vm": "", "state": "Stopped", "ts_ms": death_ms }));
     // Stable: entries of one ledger keep their order.
     l.sort_by_key(|e| e["ts_ms"].as_i64().unwrap_or(0));
-    let mut seen = HashSet::new();
-    for e in l.iter().filter(|e| e["kind"] == "exec") {
-        let k = (e["job"].to_string(), e["step"].to_string());
-        if !seen.insert(k.clone()) {
-            problems.push(format!("(job, step) {k:?} executed twice: {e}"));
-        }
-    }
-    let mut running: HashMap<String, String> = HashMap::new();
-    let mut victim_self_stops = 0;
-    for e in &l {
-        let kind = e["kind"].as_str().unwrap_or("");
-        let effective = match kind {
-            "exec" => e["outcome"] == "ok",
-            "replay" | "stale" | "unknown_host" => false,
-            _ => true,
-        };
-        if !effective {
-            continue;
-        }
-        let vm = e["vm"].as_str().unwrap_or("").to_string();
-        let host = e["host"].as_str().unwrap_or("").to_string();
-        if host == victim_guid && matches!(kind, "self_fence" | "storage_lost") && !vm.is_empty() {
-            victim_self_stops += 1;
-        }
-        match e["state"].as_str() {
-            Some("Running") if kind == "exec" && !vm.is_empty() => {
-                if let Some(h) = running.get(&vm)
-                    && h != &host
-                {
-                    problems.push(format!("VM {vm} running on two hosts ({h} and {host}): {e}"));
-                }
-                running.insert(vm, host);
-            }
-            Some("Stopped") if vm.is_empty() && kind != "exec" => running.retain(|_, h| *h != host),
-            Some("Stopped") if running.get(&vm) == Some(&host) => {
-                running.remove(&vm);
-            }
-            _ => {}
-        }
-    }
+    let replay = skyhold_testkit::ledger::replay_ledger(&l);
+    problems.extend(replay.problems);
+    let running = replay.running;
+    let victim_self_stops = l
+        .iter()
+        .filter(|e| {
+            e["host"].as_str() == Some(victim_guid)
+                && matches!(e["kind"].as_str(), Some("self_fence" | "storage_lost"))
+                && e["vm"].as_str().is_some_and(|v| !v.is_empty())
+        })
+        .count();
     // Each VM: exactly one start elsewhere, running there, and the database agrees.
     let mut starts: HashMap<&str, Vec<i64>> = HashMap::new();
     for e in &l {

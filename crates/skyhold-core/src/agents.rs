@@ -417,8 +417,8 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
     });
 
     let silence = Duration::from_millis(ping_ms * 3 + 2000);
-    // Per host: the VMs it reported running in its last ping on this connection.
-    let mut reported: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    // VMs of this connection's hosts being checked after a report left them out.
+    let checking: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let res: Result<(), ConnError> = async {
         loop {
             let msg: AgentMsg = tokio::select! {
@@ -447,35 +447,32 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
                         if let Some(hb) = hp.heartbeat {
                             skyhold_db::hostha::host_hb_observe(&mut c, hid, hb.min(i64::MAX as u64) as i64).await?;
                         }
-                        // VMs that stopped without a command: running in the last report and
-                        // gone from this one, or (first report of this connection: the agent may
-                        // have restarted) running on this host in the database but not reported.
-                        let now_running: std::collections::HashSet<String> = hp
+                        // VMs that stopped without a command: Running on this host in the
+                        // database and missing from the report. A VM started after the agent
+                        // composed this report is missing too: `vm_stopped_on_host` asks the host
+                        // (CheckVm) before believing it, so that costs a check, never a VM.
+                        let now_running: std::collections::HashSet<&str> = hp
                             .vms
                             .iter()
                             .filter(|v| v.state == PowerState::Running)
-                            .map(|v| v.vm_id.clone())
+                            .map(|v| v.vm_id.as_str())
                             .collect();
-                        let gone: Vec<String> = match reported.get(hid) {
-                            Some(prev) => prev.difference(&now_running).cloned().collect(),
-                            None => {
-                                let f = skyhold_db::vm::VmFilter {
-                                    host_id: Some(hid.clone()),
-                                    state: Some("Running".into()),
-                                    ..Default::default()
-                                };
-                                let page = skyhold_db::Page { page: 1, size: 100_000 };
-                                let (vms, _) = skyhold_db::vm::vm_list(&mut c, &f, page).await?;
-                                vms.into_iter().map(|v| v.id).filter(|id| !now_running.contains(id)).collect()
-                            }
-                        };
-                        reported.insert(hid.clone(), now_running);
+                        let gone: Vec<String> = skyhold_db::vm::vm_running_ids_on_host(&mut c, hid)
+                            .await?
+                            .into_iter()
+                            .filter(|id| !now_running.contains(id.as_str()))
+                            .collect();
                         for vid in gone {
-                            let (core, hid) = (core.clone(), hid.clone());
+                            // One check per VM at a time (the next reports may come before it ends).
+                            if !lock_set(&checking).insert(vid.clone()) {
+                                continue;
+                            }
+                            let (core, hid, checking) = (core.clone(), hid.clone(), checking.clone());
                             tokio::spawn(async move {
                                 if let Err(e) = crate::ha::vm_stopped_on_host(&core, &hid, &vid).await {
                                     tracing::warn!(vm = %vid, error = %e, "could not handle a VM reported stopped");
                                 }
+                                lock_set(&checking).remove(&vid);
                             });
                         }
                     }
@@ -564,6 +561,12 @@ fn resolve_place(
             clusters.iter().find(fits).cloned().ok_or_else(|| format!("no cluster exists{within} to place hosts in"))
         }
     }
+}
+
+fn lock_set(
+    m: &Mutex<std::collections::HashSet<String>>,
+) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn conn_owns(core: &Core, host_id: &str, conn: &Arc<AgentConn>) -> bool {

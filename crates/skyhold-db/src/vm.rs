@@ -354,6 +354,17 @@ pub async fn vm_expunge(c: &mut dyn Sql, id: &str) -> Result<bool, DbError> {
 }
 
 /// Count VMs per state (for capability and status summaries).
+/// Ids of the VMs the database has Running on a host (compared with each report of its agent).
+pub async fn vm_running_ids_on_host(c: &mut dyn Sql, host_id: &str) -> Result<Vec<String>, DbError> {
+    let (conn, _) = c.parts();
+    let rows = sqlx::query("SELECT id FROM vm_instance WHERE host_id = ? AND state = 'Running' AND removed_ms IS NULL")
+        .bind(host_id)
+        .fetch_all(conn)
+        .await
+        .ctx("list running VMs of a host")?;
+    rows.iter().map(|r| get_str(r, "id")).collect()
+}
+
 pub async fn vm_count(c: &mut dyn Sql) -> Result<i64, DbError> {
     let (conn, _) = c.parts();
     let r = sqlx::query("SELECT COUNT(*) AS n FROM vm_instance WHERE removed_ms IS NULL")

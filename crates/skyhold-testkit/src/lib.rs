@@ -8,7 +8,9 @@
 //! - [`Galera::start`]: an N-node MariaDB Galera cluster (rsync state transfer), whose nodes
 //!   ([`GNode`]) can be killed, stopped (`SIGSTOP`), resumed and restarted;
 //! - [`Bmc::start`] (module [`bmc`]): an IPMI BMC (`ipmi_sim`, spoken to with `ipmitool`) for one
-//!   simulated host, whose power-off kills the process standing for the host.
+//!   simulated host, whose power-off kills the process standing for the host;
+//! - [`ledger`]: the agents' ledgers read and replayed against invariants 5 and 7 (ground truth
+//!   for the tests and the benchmarks alike).
 //!
 //! Every process is killed (SIGKILL, by its own handle) and reaped when its owner is dropped, so a
 //! failing test or bench leaves nothing running. Needs `mariadbd`, `mariadb`,
@@ -16,6 +18,7 @@
 //! `galera-4` provider and `rsync` (`scripts/test.sh` installs them).
 
 pub mod bmc;
+pub mod ledger;
 
 pub use bmc::{Bmc, have_ipmi};
 

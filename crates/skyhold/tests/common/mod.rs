@@ -526,57 +526,15 @@ pub use skyhold_testkit::wait_for;
 
 /// Every entry of an agent ledger file (JSON lines).
 pub fn read_ledger(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("ledger line"))
-        .collect()
+    skyhold_testkit::ledger::read_ledger(path).expect("ledger")
 }
 
-/// Invariants 5 and 7 from a ledger: every (job, step) executed at most once, and no VM running
-/// on two hosts at once. Returns where each VM runs at the end (VM id -> host id).
-///
-/// A run starts with an executed, ok command leaving the VM `Running` (start, migrate_abort; a
-/// check or reboot of a running VM changes nothing). It ends on *that* host with any entry that
-/// leaves the VM `Stopped` there: an executed, ok command (stop, destroy, migrate_out, ...) or an
-/// event (`self_fence`, `storage_lost`, `crash`, or any other non-command kind); an event with an
-/// empty `vm` ends every run of its host. Replays and refusals change nothing, and a `Stopped` on
-/// another host (an idempotent stop, the source's migrate_done) does not end the run.
+/// Invariants 5 and 7 from a ledger (`skyhold_testkit::ledger::replay_ledger`, which states the
+/// rule): panics on a violation; returns where each VM runs at the end (VM id -> host guid).
 pub fn check_ledger(l: &[Value]) -> std::collections::HashMap<String, String> {
-    let mut seen = std::collections::HashSet::new();
-    for e in l.iter().filter(|e| e["kind"] == "exec") {
-        let k = (e["job"].to_string(), e["step"].to_string());
-        assert!(seen.insert(k.clone()), "(job, step) executed twice: {k:?}");
-    }
-    let mut running: std::collections::HashMap<String, String> = std::collections::HashMap::new();
-    for e in l {
-        let kind = e["kind"].as_str().unwrap_or("");
-        let effective = match kind {
-            "exec" => e["outcome"] == "ok",
-            "replay" | "stale" | "unknown_host" => false,
-            _ => true,
-        };
-        if !effective {
-            continue;
-        }
-        let vm = e["vm"].as_str().unwrap_or("").to_string();
-        let host = e["host"].as_str().unwrap_or("").to_string();
-        match e["state"].as_str() {
-            Some("Running") if kind == "exec" && !vm.is_empty() => {
-                if let Some(h) = running.get(&vm) {
-                    assert_eq!(h, &host, "VM {vm} running on two hosts (entry {e})");
-                }
-                running.insert(vm, host);
-            }
-            Some("Stopped") if vm.is_empty() && kind != "exec" => running.retain(|_, h| *h != host),
-            Some("Stopped") if running.get(&vm) == Some(&host) => {
-                running.remove(&vm);
-            }
-            _ => {}
-        }
-    }
-    running
+    let r = skyhold_testkit::ledger::replay_ledger(l);
+    assert!(r.problems.is_empty(), "ledger: {}", r.problems.join("; "));
+    r.running
 }
 
 // ---------------------------------------------------------------------------------------------
