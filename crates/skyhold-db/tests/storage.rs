@@ -1103,7 +1103,12 @@ async fn hosts_ownership(db: Db) {
     assert_eq!(g1, 1);
     let mut c = db.conn().await.unwrap();
     let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
-    assert_eq!((h.status.as_str(), h.mgmt_server_id.as_deref(), h.owner_gen), ("Up", Some("ms-a"), 1));
+    // Connecting until the first report of its VMs (a ping), then Up.
+    assert_eq!((h.status.as_str(), h.mgmt_server_id.as_deref(), h.owner_gen), ("Connecting", Some("ms-a"), 1));
+    assert!(infra::host_guid_known(&mut c, "guid-own").await.unwrap());
+    assert!(!infra::host_guid_known(&mut c, "guid-never").await.unwrap());
+    assert!(infra::host_ping(&mut c, &id, "ms-a", 1).await.unwrap());
+    assert_eq!(infra::host_fetch(&mut c, &id).await.unwrap().unwrap().status, "Up");
     assert_eq!((h.zone_id.as_str(), h.pod_id.as_str(), h.cluster_id.as_str()), ("zone-1", "pod-1", "cluster-1"));
     assert_eq!((h.resource_state.as_str(), h.mem_mb, h.guid.as_str()), ("Enabled", 16384, "guid-own"));
     assert!(h.last_ping_ms.is_some());
@@ -1800,12 +1805,17 @@ async fn host_ha_rows(db: Db) {
     assert!(hostha::host_mark_fenced(&mut c, &id).await.unwrap());
     let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
     assert_eq!((h.status.as_str(), h.ha_state.as_str()), ("Down", "Fenced"));
-    // The agent comes back: Up and Available again.
+    // The agent comes back: Connecting (never fenced while connected), then Up, and Available.
     drop(c);
-    take_host(&db, &host_connect(&fx, "guid-ha"), "ms-b").await;
+    let (_, g) = take_host(&db, &host_connect(&fx, "guid-ha"), "ms-b").await;
     let mut c = db.conn().await.unwrap();
     let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
+    assert_eq!((h.status.as_str(), h.ha_state.as_str(), h.disconnected_ms), ("Connecting", "Available", 0));
+    assert!(!hostha::host_mark_fenced(&mut c, &id).await.unwrap(), "a connecting host is not fenced");
+    assert!(infra::host_ping(&mut c, &id, "ms-b", g).await.unwrap());
+    let h = infra::host_fetch(&mut c, &id).await.unwrap().unwrap();
     assert_eq!((h.status.as_str(), h.ha_state.as_str(), h.disconnected_ms), ("Up", "Available", 0));
+    assert!(!hostha::host_mark_fenced(&mut c, &id).await.unwrap(), "an Up host is not fenced");
 
     let mut o = Oob {
         host_id: id.clone(),
