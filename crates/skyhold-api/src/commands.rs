@@ -60,6 +60,14 @@ pub const COMMANDS: &[CommandSpec] = &[
         "name:string!,networktype:string!,dns1:string!,internaldns1:string!,allocationstate:string"
     ),
     spec!(
+        "updateZone",
+        false,
+        true,
+        "zone",
+        "Updates a Zone (allocationstate Enabled shows a new zone to users)",
+        "id:uuid!,name:string,allocationstate:string,dns1:string,internaldns1:string"
+    ),
+    spec!(
         "listPods",
         false,
         true,
@@ -76,6 +84,14 @@ pub const COMMANDS: &[CommandSpec] = &[
         "name:string!,zoneid:uuid!,gateway:string!,netmask:string!,startip:string!,endip:string,allocationstate:string"
     ),
     spec!(
+        "updatePod",
+        false,
+        true,
+        "pod",
+        "Updates a Pod (name, allocationstate; its address range cannot change)",
+        "id:uuid!,name:string,allocationstate:string"
+    ),
+    spec!(
         "addCluster",
         false,
         true,
@@ -90,6 +106,14 @@ pub const COMMANDS: &[CommandSpec] = &[
         "cluster",
         "Lists clusters",
         "id:uuid,name:string,zoneid:uuid,podid:uuid,hypervisor:string,allocationstate:string,keyword:string,page:integer,pagesize:integer"
+    ),
+    spec!(
+        "updateCluster",
+        false,
+        true,
+        "cluster",
+        "Updates an existing cluster (a Disabled cluster takes no new VMs; HA restarts still may)",
+        "id:uuid!,clustername:string,allocationstate:string,clustertype:string,hypervisor:string,managedstate:string"
     ),
     spec!(
         "listHosts",
@@ -435,7 +459,9 @@ mod tests {
             .collect();
         assert_eq!(req, ["zoneid", "templateid", "serviceofferingid"]);
         let user = super::list_apis(false, None);
-        for admin_only in ["listHosts", "createZone", "createPod", "addCluster"] {
+        for admin_only in
+            ["listHosts", "createZone", "createPod", "addCluster", "updateZone", "updatePod", "updateCluster"]
+        {
             assert!(user.iter().all(|a| a["name"] != admin_only), "{admin_only} is admin-only");
         }
     }

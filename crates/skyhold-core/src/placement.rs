@@ -1,4 +1,10 @@
 //! Where a VM should run: a pure function over a snapshot of hosts, table-tested.
+//!
+//! Allocation states: a host is offered to ordinary placements only when it is Up, its resource
+//! state is Enabled and its pod and cluster are Enabled (`HostCap::allocatable`). A Disabled pod or
+//! cluster takes no new VMs, as in CloudStack, but it is an allocation policy, not a health
+//! verdict: HA restarts and an administrator's explicit host (`Request::ignore_allocation`) may
+//! still use its hosts.
 
 /// The facts about one host the planner needs.
 #[derive(Debug, Clone)]
@@ -8,7 +14,10 @@ pub struct HostCap {
     pub pod_id: String,
     pub cluster_id: String,
     pub up: bool,
+    /// The host's own resource state is Enabled.
     pub enabled: bool,
+    /// The host's pod and cluster are Enabled (allocation state).
+    pub allocatable: bool,
     pub tags: Vec<String>,
     pub cpu_total: i64,
     pub cpu_used: i64,
@@ -33,6 +42,7 @@ pub fn caps_of(hosts: &[skyhold_db::infra::Host]) -> Vec<HostCap> {
             cluster_id: h.cluster_id.clone(),
             up: h.status == "Up",
             enabled: h.resource_state == "Enabled",
+            allocatable: h.pod_state == "Enabled" && h.cluster_state == "Enabled",
             tags: h.tags.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
             cpu_total: h.cpu_cores,
             cpu_used: h.used_cpu,
@@ -62,6 +72,9 @@ pub struct Request<'a> {
     pub cluster_id: Option<&'a str>,
     /// Hosts already tried and refused in this placement.
     pub exclude: &'a [String],
+    /// Also use hosts whose pod or cluster is Disabled: HA restarts (restoring a VM that was
+    /// running beats an allocation policy) and an administrator's explicit `hostid`.
+    pub ignore_allocation: bool,
 }
 
 /// Why nothing was chosen.
@@ -80,6 +93,7 @@ pub enum NoHost {
 pub fn choose_host<'h>(hosts: &'h [HostCap], req: &Request<'_>) -> Result<&'h HostCap, NoHost> {
     let usable = |h: &&HostCap| {
         h.up && h.enabled
+            && (h.allocatable || req.ignore_allocation)
             && h.zone_id == req.zone_id
             && req.pod_id.is_none_or(|p| h.pod_id == p)
             && req.cluster_id.is_none_or(|c| h.cluster_id == c)
@@ -123,6 +137,7 @@ mod tests {
             cluster_id: "c1".into(),
             up: true,
             enabled: true,
+            allocatable: true,
             tags: vec![],
             cpu_total: 8,
             cpu_used,
@@ -143,6 +158,7 @@ mod tests {
             pod_id: None,
             cluster_id: None,
             exclude: &[],
+            ignore_allocation: false,
         }
     }
 
@@ -226,5 +242,47 @@ mod tests {
         r.exclude = &ex;
         assert_eq!(choose_host(&hosts, &r).unwrap_err(), NoHost::NoCapacity);
         assert_eq!(choose_host(&hosts, &req("z9")).unwrap_err(), NoHost::NoCapacity);
+    }
+
+    #[test]
+    fn disabled_pods_and_clusters_take_no_ordinary_placements() {
+        // "x": the freest host, in a Disabled pod or cluster (caps_of folds both into allocatable).
+        let mut x = h("x", "z1", 0, 0);
+        x.allocatable = false;
+        let a = h("a", "z1", 0, 4096);
+        let full = h("f", "z1", 8, 0);
+        let hosts = vec![x.clone(), a];
+        // Ordinary deployments, starts and migrations skip it.
+        assert_eq!(choose_host(&hosts, &req("z1")).unwrap().id, "a");
+        // Even as the preferred (last) host.
+        let r = Request { preferred_host: Some("x"), ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "a");
+        // Only it left: no capacity, as CloudStack reports it.
+        let only = vec![x.clone(), full];
+        assert_eq!(choose_host(&only, &req("z1")).err(), Some(NoHost::NoCapacity));
+        // Named explicitly without the flag: unusable.
+        let r = Request { required_host: Some("x"), ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).err(), Some(NoHost::RequiredHostUnusable));
+        // An administrator's explicit host (the caller sets the flag): allowed.
+        let r = Request { required_host: Some("x"), ignore_allocation: true, ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "x");
+        // HA restarts: allowed in a Disabled cluster, still within the cluster and the tag rules.
+        let r = Request { cluster_id: Some("c1"), require_tag: Some(""), ignore_allocation: true, ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "x");
+        let r = Request { preferred_host: Some("x"), ignore_allocation: true, ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).unwrap().id, "x");
+        let r = Request { cluster_id: Some("c1"), require_tag: Some("ha"), ignore_allocation: true, ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).err(), Some(NoHost::NoCapacity));
+        // The flag never revives a host that is down or disabled itself.
+        let mut down = x.clone();
+        down.up = false;
+        let mut off = x;
+        off.id = "o".into();
+        off.enabled = false;
+        let hosts = vec![down, off];
+        let r = Request { ignore_allocation: true, ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).err(), Some(NoHost::NoCapacity));
+        let r = Request { required_host: Some("o"), ignore_allocation: true, ..req("z1") };
+        assert_eq!(choose_host(&hosts, &r).err(), Some(NoHost::RequiredHostUnusable));
     }
 }

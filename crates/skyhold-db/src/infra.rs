@@ -75,6 +75,9 @@ pub struct Host {
     pub used_cpu: i64,
     pub used_mem_mb: i64,
     pub vm_count: i64,
+    /// Allocation state of the host's pod and cluster (`Enabled`/`Disabled`), read with the host.
+    pub pod_state: String,
+    pub cluster_state: String,
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +173,22 @@ pub async fn zone_find_by_name(c: &mut dyn Sql, name: &str) -> Result<Option<Zon
     row.as_ref().map(zone_from_row).transpose()
 }
 
+/// Write a zone's editable fields (`updateZone`): name, DNS, allocation state. False if no row changed.
+pub async fn zone_update(c: &mut dyn Sql, z: &Zone) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query("UPDATE zone SET name = ?, dns1 = ?, internal_dns1 = ?, allocation_state = ? WHERE id = ?")
+        .bind(&z.name)
+        .bind(&z.dns1)
+        .bind(&z.internal_dns1)
+        .bind(&z.allocation_state)
+        .bind(&z.id)
+        .execute(conn)
+        .await
+        .ctx("update zone")?
+        .rows_affected();
+    Ok(n == 1)
+}
+
 /// Insert a pod and its IP range (one `pod_ip` row per address), in the caller's transaction.
 pub async fn pod_insert(c: &mut dyn Sql, p: &Pod) -> Result<(), DbError> {
     let start: Ipv4Addr =
@@ -256,6 +275,20 @@ pub async fn pod_fetch_for_update(c: &mut dyn Sql, id: &str) -> Result<Option<Po
     let q = sql(dl, &format!("SELECT {POD_COLS} FROM pod WHERE id = ? {{for_update}}")).into_owned();
     let row = sqlx::query(&q).bind(id).fetch_optional(conn).await.ctx("fetch pod")?;
     row.as_ref().map(pod_from_row).transpose()
+}
+
+/// Write a pod's editable fields (`updatePod`): name and allocation state. False if no row changed.
+pub async fn pod_update(c: &mut dyn Sql, p: &Pod) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query("UPDATE pod SET name = ?, allocation_state = ? WHERE id = ?")
+        .bind(&p.name)
+        .bind(&p.allocation_state)
+        .bind(&p.id)
+        .execute(conn)
+        .await
+        .ctx("update pod")?
+        .rows_affected();
+    Ok(n == 1)
 }
 
 /// Take a free address of the pod for `nic_id`; `None` when the range is exhausted.
@@ -359,6 +392,30 @@ fn cluster_from_row(r: &crate::AnyRow) -> Result<Cluster, DbError> {
     })
 }
 
+const CLUSTER_COLS: &str = "id, zone_id, pod_id, name, hypervisor, allocation_state, created_ms";
+
+/// One cluster, its row locked (MySQL) for the rest of the transaction.
+pub async fn cluster_fetch_for_update(c: &mut dyn Sql, id: &str) -> Result<Option<Cluster>, DbError> {
+    let (conn, dl) = c.parts();
+    let q = sql(dl, &format!("SELECT {CLUSTER_COLS} FROM cluster WHERE id = ? {{for_update}}")).into_owned();
+    let row = sqlx::query(&q).bind(id).fetch_optional(conn).await.ctx("fetch cluster")?;
+    row.as_ref().map(cluster_from_row).transpose()
+}
+
+/// Write a cluster's editable fields (`updateCluster`): name and allocation state. False if no row changed.
+pub async fn cluster_update(c: &mut dyn Sql, cl: &Cluster) -> Result<bool, DbError> {
+    let (conn, _) = c.parts();
+    let n = sqlx::query("UPDATE cluster SET name = ?, allocation_state = ? WHERE id = ?")
+        .bind(&cl.name)
+        .bind(&cl.allocation_state)
+        .bind(&cl.id)
+        .execute(conn)
+        .await
+        .ctx("update cluster")?
+        .rows_affected();
+    Ok(n == 1)
+}
+
 /// The cluster of the pod with this name, compared case-insensitively (unique within a pod).
 pub async fn cluster_find_by_name(c: &mut dyn Sql, pod_id: &str, name: &str) -> Result<Option<Cluster>, DbError> {
     let (conn, _) = c.parts();
@@ -377,7 +434,11 @@ pub async fn cluster_find_by_name(c: &mut dyn Sql, pod_id: &str, name: &str) -> 
 const HOST_COLS: &str = "h.id, h.guid, h.name, h.zone_id, h.pod_id, h.cluster_id, h.ip, h.hypervisor, \
      h.cpu_cores, h.cpu_mhz, h.mem_mb, h.status, h.resource_state, h.mgmt_server_id, h.owner_gen, \
      h.agent_id, h.version, h.tags, h.last_ping_ms, h.created_ms, h.ha_state, h.ha_since_ms, h.check_addr, \
-     h.hb_counter, h.hb_seen_ms, h.disconnected_ms";
+     h.hb_counter, h.hb_seen_ms, h.disconnected_ms, \
+     COALESCE(hp.allocation_state, 'Enabled') AS pod_state, COALESCE(hc.allocation_state, 'Enabled') AS cluster_state";
+
+/// The host table with its pod's and cluster's rows (for their allocation states).
+const HOST_FROM: &str = "host h LEFT JOIN pod hp ON hp.id = h.pod_id LEFT JOIN cluster hc ON hc.id = h.cluster_id";
 
 fn host_from_row(r: &crate::AnyRow) -> Result<Host, DbError> {
     Ok(Host {
@@ -410,6 +471,8 @@ fn host_from_row(r: &crate::AnyRow) -> Result<Host, DbError> {
         used_cpu: 0,
         used_mem_mb: 0,
         vm_count: 0,
+        pod_state: get_str(r, "pod_state")?,
+        cluster_state: get_str(r, "cluster_state")?,
     })
 }
 
@@ -419,7 +482,7 @@ pub const CAPACITY_STATES: &str = "('Starting', 'Running', 'Stopping', 'Migratin
 /// All hosts (not removed), with the capacity their VMs use.
 pub async fn host_list(c: &mut dyn Sql) -> Result<Vec<Host>, DbError> {
     let (conn, dl) = c.parts();
-    let q = format!("SELECT {HOST_COLS} FROM host h WHERE h.removed_ms IS NULL ORDER BY h.created_ms, h.name");
+    let q = format!("SELECT {HOST_COLS} FROM {HOST_FROM} WHERE h.removed_ms IS NULL ORDER BY h.created_ms, h.name");
     let rows = sqlx::query(&q).fetch_all(&mut *conn).await.ctx("list hosts")?;
     let mut hosts = rows.iter().map(host_from_row).collect::<Result<Vec<_>, _>>()?;
     let q = sql(
@@ -447,7 +510,7 @@ pub async fn host_list(c: &mut dyn Sql) -> Result<Vec<Host>, DbError> {
 
 pub async fn host_fetch(c: &mut dyn Sql, id: &str) -> Result<Option<Host>, DbError> {
     let (conn, _) = c.parts();
-    let q = format!("SELECT {HOST_COLS} FROM host h WHERE h.id = ? AND h.removed_ms IS NULL");
+    let q = format!("SELECT {HOST_COLS} FROM {HOST_FROM} WHERE h.id = ? AND h.removed_ms IS NULL");
     let row = sqlx::query(&q).bind(id).fetch_optional(conn).await.ctx("fetch host")?;
     row.as_ref().map(host_from_row).transpose()
 }

@@ -723,6 +723,292 @@ fn create_zone_pod_cluster(b: Backend) {
 }
 both!(create_zone_pod_cluster);
 
+fn update_zone_pod_cluster(b: Backend) {
+    let Some(c) = Cloud::start(b, 1) else { return };
+    let zone1 = c.ok("listZones", &[])["zone"][0].clone();
+    let pod1 = c.ok("listPods", &[])["pod"][0].clone();
+    let user = c.create_user("carol");
+
+    // In the catalogue cloudmonkey syncs, for admins only.
+    let names = |v: &Value| -> Vec<String> {
+        v["listapisresponse"]["api"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x["name"].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let (_, apis) = c.api("listApis", &[]);
+    let (_, user_apis) = c.api_as(&user, "listApis", &[]);
+    for n in ["updateZone", "updatePod", "updateCluster"] {
+        assert!(names(&apis).iter().any(|x| x == n), "{n} in listApis");
+        assert!(!names(&user_apis).iter().any(|x| x == n), "{n} is admin-only");
+    }
+
+    // A zone created without allocationstate is Disabled (hidden from users) until updateZone
+    // enables it: the operator has a way out.
+    let z = c.ok(
+        "createZone",
+        &[("name", "ZoneU"), ("networktype", "Advanced"), ("dns1", "8.8.8.8"), ("internaldns1", "10.5.0.1")],
+    )["zone"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let user_zones = || -> Vec<String> {
+        let (_, v) = c.api_as(&user, "listZones", &[]);
+        v["listzonesresponse"]["zone"]
+            .as_array()
+            .map(|a| a.iter().map(|z| z["name"].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    assert!(!user_zones().contains(&"ZoneU".to_string()));
+    let updated = c.ok("updateZone", &[("id", &z), ("allocationstate", "Enabled")])["zone"].clone();
+    assert_eq!(updated["allocationstate"], "Enabled", "{updated}");
+    assert_eq!(updated["name"], "ZoneU");
+    assert_eq!(c.ok("listZones", &[("id", &z)])["zone"][0], updated, "updateZone answers what listZones shows");
+    assert!(user_zones().contains(&"ZoneU".to_string()), "{:?}", user_zones());
+    // Rename (a change of case of its own name is no collision) and new DNS servers.
+    let updated = c
+        .ok("updateZone", &[("id", &z), ("name", "ZONEU"), ("dns1", "1.1.1.1"), ("internaldns1", "10.5.0.2")])["zone"]
+        .clone();
+    assert_eq!(
+        (&updated["name"], &updated["dns1"], &updated["internaldns1"]),
+        (&"ZONEU".into(), &"1.1.1.1".into(), &"10.5.0.2".into())
+    );
+    let updated = c.ok("updateZone", &[("id", &z), ("name", "ZoneV")])["zone"].clone();
+    assert_eq!(c.ok("listZones", &[("id", &z)])["zone"][0], updated);
+
+    let unknown = "3f1e0000-0000-4000-8000-000000000000";
+    let (st, v) = c.api("updateZone", &[("name", "ZoneX")]);
+    assert_cs_error(st, &v, 431, "missing parameter id");
+    let (st, v) = c.api("updateZone", &[("id", unknown), ("name", "ZoneX")]);
+    assert_cs_error(st, &v, 431, unknown);
+    let (st, v) = c.api("updateZone", &[("id", &z), ("allocationstate", "Maybe")]);
+    assert_cs_error(st, &v, 431, "allocationstate");
+    let zone1_name = zone1["name"].as_str().unwrap().to_uppercase();
+    let (st, v) = c.api("updateZone", &[("id", &z), ("name", &zone1_name)]);
+    assert_cs_error(st, &v, 431, "already exists");
+    let (st, v) = c.api("updateZone", &[("id", &z), ("name", " padded ")]);
+    assert_cs_error(st, &v, 431, "name");
+    let (st, v) = c.api("updateZone", &[("id", &z), ("dns1", "8.8.8")]);
+    assert_cs_error(st, &v, 431, "dns1");
+    let (st, v) = c.api("updateZone", &[("id", &z), ("dns2", "8.8.4.4"), ("name", "ZoneX")]);
+    assert_cs_error(st, &v, 432, "dns2");
+    let (st, v) = c.api("updateZone", &[("id", &z), ("localstorageenabled", "false")]);
+    assert_cs_error(st, &v, 432, "localstorageenabled");
+
+    // Pods: names unique within their zone only; the address range cannot change.
+    let mk_pod = |name: &str, start: &str, end: &str| -> String {
+        c.ok(
+            "createPod",
+            &[
+                ("name", name),
+                ("zoneid", &z),
+                ("gateway", "10.5.0.1"),
+                ("netmask", "255.255.255.0"),
+                ("startip", start),
+                ("endip", end),
+            ],
+        )["pod"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let p = mk_pod("PodU", "10.5.0.10", "10.5.0.20");
+    let pw = mk_pod("PodW", "10.5.0.30", "10.5.0.40");
+    let updated = c.ok("updatePod", &[("id", &p), ("name", "PodV"), ("allocationstate", "Disabled")])["pod"].clone();
+    assert_eq!((&updated["name"], &updated["allocationstate"]), (&"PodV".into(), &"Disabled".into()), "{updated}");
+    assert_eq!(updated["zonename"], "ZoneV");
+    assert_eq!(c.ok("listPods", &[("id", &p)])["pod"][0], updated, "updatePod answers what listPods shows");
+    // The current range given back is no change.
+    let same = c.ok(
+        "updatePod",
+        &[("id", &p), ("gateway", "10.5.0.1"), ("startip", "10.5.0.10"), ("allocationstate", "Enabled")],
+    );
+    assert_eq!(same["pod"]["allocationstate"], "Enabled");
+    let (st, v) = c.api("updatePod", &[("id", &p), ("endip", "10.5.0.25")]);
+    assert_cs_error(st, &v, 432, "endip");
+    let (st, v) = c.api("updatePod", &[("id", &p), ("startip", "ten")]);
+    assert_cs_error(st, &v, 431, "startip");
+    let (st, v) = c.api("updatePod", &[("id", &pw), ("name", "podv")]);
+    assert_cs_error(st, &v, 431, "podv already exists in zone ZoneV");
+    let (st, v) = c.api("updatePod", &[("id", &pw), ("allocationstate", "Off")]);
+    assert_cs_error(st, &v, 431, "allocationstate");
+    let (st, v) = c.api("updatePod", &[("id", unknown), ("name", "PodX")]);
+    assert_cs_error(st, &v, 431, unknown);
+    // Another zone's pod name is free here.
+    let pod1_name = pod1["name"].as_str().unwrap();
+    assert_eq!(c.ok("updatePod", &[("id", &pw), ("name", pod1_name)])["pod"]["name"], pod1_name);
+
+    // Clusters: names unique within their pod only; only what a Skyhold cluster is.
+    let mk_cluster = |name: &str, pod: &str| -> String {
+        c.ok(
+            "addCluster",
+            &[
+                ("clustername", name),
+                ("clustertype", "CloudManaged"),
+                ("hypervisor", "Simulator"),
+                ("podid", pod),
+                ("zoneid", &z),
+            ],
+        )["cluster"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let cl = mk_cluster("ClusterU", &p);
+    let cw = mk_cluster("ClusterW", &p);
+    mk_cluster("ClusterV2", &pw);
+    let updated =
+        c.ok("updateCluster", &[("id", &cl), ("clustername", "ClusterV"), ("allocationstate", "Disabled")])["cluster"]
+            .clone();
+    assert_eq!((&updated["name"], &updated["allocationstate"]), (&"ClusterV".into(), &"Disabled".into()), "{updated}");
+    assert_eq!((&updated["podname"], &updated["zonename"]), (&"PodV".into(), &"ZoneV".into()));
+    assert_eq!(
+        c.ok("listClusters", &[("id", &cl)])["cluster"][0],
+        updated,
+        "updateCluster answers what listClusters shows"
+    );
+    let same = c.ok(
+        "updateCluster",
+        &[("id", &cl), ("hypervisor", "simulator"), ("clustertype", "CloudManaged"), ("managedstate", "Managed")],
+    );
+    assert_eq!(same["cluster"], updated, "values a Skyhold cluster already has change nothing");
+    let (st, v) = c.api("updateCluster", &[("id", &cw), ("clustername", "CLUSTERV")]);
+    assert_cs_error(st, &v, 431, "CLUSTERV already exists in pod PodV");
+    let (st, v) = c.api("updateCluster", &[("id", &cw), ("hypervisor", "KVM")]);
+    assert_cs_error(st, &v, 431, "hypervisor");
+    let (st, v) = c.api("updateCluster", &[("id", &cw), ("clustertype", "ExternalManaged")]);
+    assert_cs_error(st, &v, 431, "clustertype");
+    let (st, v) = c.api("updateCluster", &[("id", &cw), ("managedstate", "Unmanaged")]);
+    assert_cs_error(st, &v, 432, "managedstate");
+    let (st, v) = c.api("updateCluster", &[("id", &cw), ("managedstate", "Sometimes")]);
+    assert_cs_error(st, &v, 431, "managedstate");
+    let (st, v) = c.api("updateCluster", &[("id", &cw), ("allocationstate", "enable-ish")]);
+    assert_cs_error(st, &v, 431, "allocationstate");
+    let (st, v) = c.api("updateCluster", &[("id", unknown), ("allocationstate", "Enabled")]);
+    assert_cs_error(st, &v, 431, unknown);
+    // The name of a cluster of another pod is free here.
+    assert_eq!(c.ok("updateCluster", &[("id", &cw), ("clustername", "ClusterV2")])["cluster"]["name"], "ClusterV2");
+
+    // Ordinary users get CloudStack's answer for an admin command.
+    for (cmd, id) in [("updateZone", &z), ("updatePod", &p), ("updateCluster", &cl)] {
+        let (st, v) = c.api_as(&user, cmd, &[("id", id), ("allocationstate", "Enabled")]);
+        assert_cs_error(st, &v, 401, "not available for user");
+    }
+
+    // Nothing was written by a refusal; one event per change, none for an update that changes nothing.
+    assert_eq!(c.ok("listZones", &[("id", &z)])["zone"][0]["name"], "ZoneV");
+    assert_eq!(c.ok("listPods", &[("id", &p)])["pod"][0]["endip"][0], "10.5.0.20");
+    assert_eq!(c.ok("listClusters", &[("id", &cl)])["cluster"][0]["allocationstate"], "Disabled");
+    assert_eq!(c.ok("listClusters", &[("id", &cw)])["cluster"][0]["name"], "ClusterV2");
+    let events = c.ok("listEvents", &[]);
+    let count_of = |t: &str| events["event"].as_array().unwrap().iter().filter(|e| e["type"] == t).count();
+    assert_eq!((count_of("ZONE.EDIT"), count_of("POD.EDIT"), count_of("CLUSTER.EDIT")), (3, 3, 2));
+}
+both!(update_zone_pod_cluster);
+
+fn disabled_cluster_takes_no_new_vms(b: Backend) {
+    let Some(mut c) = Cloud::start(b, 1) else { return };
+    // A second zone with a pod and a cluster, and an agent whose host joins that cluster.
+    let z2 = c.ok(
+        "createZone",
+        &[
+            ("name", "Zone2"),
+            ("networktype", "Advanced"),
+            ("dns1", "8.8.8.8"),
+            ("internaldns1", "10.2.0.1"),
+            ("allocationstate", "Enabled"),
+        ],
+    )["zone"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p2 = c.ok(
+        "createPod",
+        &[
+            ("name", "Pod2"),
+            ("zoneid", &z2),
+            ("gateway", "10.2.0.1"),
+            ("netmask", "255.255.255.0"),
+            ("startip", "10.2.0.10"),
+            ("endip", "10.2.0.60"),
+        ],
+    )["pod"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cl2 = c.ok(
+        "addCluster",
+        &[
+            ("clustername", "Cluster2"),
+            ("clustertype", "CloudManaged"),
+            ("hypervisor", "Simulator"),
+            ("podid", &p2),
+            ("zoneid", &z2),
+        ],
+    )["cluster"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.start_agent("agent2", 1, &["--zone", "Zone2", "--cluster", "Cluster2"]);
+    c.wait_hosts_up(2);
+    let h2 = c.ok("listHosts", &[("clusterid", &cl2)])["host"][0]["id"].as_str().expect("host in Cluster2").to_string();
+
+    let (_, t, o) = c.ids("Small Instance");
+    let deploy = |name: &str, extra: &[(&str, &str)]| -> (String, Value) {
+        let mut p = vec![
+            ("zoneid", z2.as_str()),
+            ("templateid", t.as_str()),
+            ("serviceofferingid", o.as_str()),
+            ("name", name),
+        ];
+        p.extend_from_slice(extra);
+        let r = c.ok("deployVirtualMachine", &p);
+        let j = c.wait_job(r["jobid"].as_str().unwrap());
+        (r["id"].as_str().unwrap().to_string(), j)
+    };
+    let job = |cmd: &str, id: &str| c.wait_job(c.ok(cmd, &[("id", id)])["jobid"].as_str().unwrap());
+
+    // Cluster2 Disabled: its only host takes no new VM; the job fails for capacity (533).
+    c.ok("updateCluster", &[("id", &cl2), ("allocationstate", "Disabled")]);
+    let (vm1, j) = deploy("dis1", &[]);
+    assert_eq!(j["jobstatus"], 2, "{j}");
+    assert_eq!(j["jobresultcode"], 533, "{j}");
+    assert_eq!(c.vm(&vm1)["state"], "Error");
+    // An administrator's explicit host is still honoured (as CloudStack lets root admins do).
+    let (vm2, j) = deploy("pinned", &[("hostid", &h2)]);
+    assert_eq!(j["jobstatus"], 1, "{j}");
+    assert_eq!(j["jobresult"]["virtualmachine"]["hostid"], h2.as_str());
+    // A running VM is left alone; once stopped, starting it again (without a host) is refused.
+    assert_eq!(job("stopVirtualMachine", &vm2)["jobstatus"], 1);
+    let j = job("startVirtualMachine", &vm2);
+    assert_eq!((j["jobstatus"].clone(), j["jobresultcode"].clone()), (2.into(), 533.into()), "{j}");
+    assert_eq!(c.vm(&vm2)["state"], "Stopped");
+
+    // Enabled again: deployments and starts land there.
+    let r = c.ok("updateCluster", &[("id", &cl2), ("allocationstate", "Enabled")]);
+    assert_eq!(r["cluster"]["allocationstate"], "Enabled");
+    let (_, j) = deploy("en1", &[]);
+    assert_eq!(j["jobstatus"], 1, "{j}");
+    assert_eq!(j["jobresult"]["virtualmachine"]["hostid"], h2.as_str());
+    let j = job("startVirtualMachine", &vm2);
+    assert_eq!(j["jobstatus"], 1, "{j}");
+    assert_eq!(j["jobresult"]["virtualmachine"]["hostid"], h2.as_str());
+
+    // A Disabled pod counts as its clusters being Disabled.
+    assert_eq!(job("stopVirtualMachine", &vm2)["jobstatus"], 1);
+    c.ok("updatePod", &[("id", &p2), ("allocationstate", "Disabled")]);
+    let j = job("startVirtualMachine", &vm2);
+    assert_eq!((j["jobstatus"].clone(), j["jobresultcode"].clone()), (2.into(), 533.into()), "{j}");
+    c.ok("updatePod", &[("id", &p2), ("allocationstate", "Enabled")]);
+    assert_eq!(job("startVirtualMachine", &vm2)["jobstatus"], 1);
+
+    // The first zone was never affected.
+    let (_, j) = c.deploy("near1", "Small Instance", &[]);
+    assert_eq!(j["jobstatus"], 1, "{j}");
+    c.assert_ledger_invariants();
+}
+both!(disabled_cluster_takes_no_new_vms);
+
 fn jobs_on_one_vm_run_in_order(b: Backend) {
     let Some(c) = Cloud::start(b, 2) else { return };
     let (id, _) = c.deploy("ordered", "Small Instance", &[]);

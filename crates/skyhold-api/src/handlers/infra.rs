@@ -1,5 +1,6 @@
 //! Zones, pods, clusters, hosts, offerings, templates: small tables, filtered and paged in memory;
-//! and the admin commands that build zones, pods and clusters (`createZone`, `createPod`, `addCluster`).
+//! and the admin commands that build and edit zones, pods and clusters (`createZone`, `createPod`,
+//! `addCluster`, `updateZone`, `updatePod`, `updateCluster`).
 
 use super::{Ctx, HResult, cs};
 use crate::params::{Params, page_slice};
@@ -455,10 +456,15 @@ const POD_MAX_ADDRESSES: u64 = 65_536;
 
 /// `allocationstate` of a new zone, pod or cluster (CloudStack's `Enabled` / `Disabled`).
 fn allocation_state(p: &Params, default: &'static str) -> Result<&'static str, CsError> {
+    Ok(given_allocation_state(p)?.unwrap_or(default))
+}
+
+/// `allocationstate` if given (the update commands).
+fn given_allocation_state(p: &Params) -> Result<Option<&'static str>, CsError> {
     match p.get("allocationstate") {
-        None => Ok(default),
-        Some(s) if s.eq_ignore_ascii_case("enabled") => Ok("Enabled"),
-        Some(s) if s.eq_ignore_ascii_case("disabled") => Ok("Disabled"),
+        None => Ok(None),
+        Some(s) if s.eq_ignore_ascii_case("enabled") => Ok(Some("Enabled")),
+        Some(s) if s.eq_ignore_ascii_case("disabled") => Ok(Some("Disabled")),
         Some(_) => Err(p.invalid("allocationstate", "must be Enabled or Disabled")),
     }
 }
@@ -470,6 +476,14 @@ fn req_name(p: &Params, name: &str) -> Result<String, CsError> {
         return Err(p.invalid(name, "must not be blank or start or end with spaces"));
     }
     Ok(v)
+}
+
+/// An optional new name, checked as [`req_name`] checks a required one.
+fn opt_name(p: &Params, name: &str) -> Result<Option<String>, CsError> {
+    if p.get(name).is_none() {
+        return Ok(None);
+    }
+    req_name(p, name).map(Some)
 }
 
 fn ipv4(p: &Params, name: &str) -> Result<Option<Ipv4Addr>, CsError> {
@@ -771,6 +785,303 @@ pub async fn add_cluster(ctx: &Ctx<'_>) -> HResult {
     .map_err(cs)?;
     tracing::info!(cluster = %cluster.name, id = %cluster.id, pod = %pod_name, "cluster created");
     Ok(Reply::list("cluster", vec![cluster_json(&cluster, &zone_name, &pod_name)], 1))
+}
+
+// ---- Editing zones, pods and clusters (admin) ----
+
+/// What an update changed, for its event ("name Zone2 -> Zone5, allocation state Disabled -> Enabled").
+fn changes(fields: &[(&str, &str, &str)]) -> Vec<String> {
+    fields.iter().filter(|(_, a, b)| a != b).map(|(what, a, b)| format!("{what} {a} -> {b}")).collect()
+}
+
+/// Refuse, with a 432, a parameter of CloudStack's update commands that Skyhold cannot honour.
+fn unsupported(p: &Params, params: &[(&str, &str)]) -> Result<(), CsError> {
+    match params.iter().find(|(name, _)| p.get(name).is_some()) {
+        Some((name, why)) => Err(CsError::new(ErrorCode::Unsupported, format!("{name} is not supported: {why}"))),
+        None => Ok(()),
+    }
+}
+
+/// CloudStack's `updateZone`: name, allocation state (a zone created Disabled is enabled here),
+/// `dns1`, `internaldns1`. One transaction with a ZONE.EDIT event when something changed.
+pub async fn update_zone(ctx: &Ctx<'_>) -> HResult {
+    let p = ctx.p;
+    let id = p.req_uuid("id")?;
+    let name = opt_name(p, "name")?;
+    let state = given_allocation_state(p)?;
+    let dns1 = ipv4(p, "dns1")?;
+    let internal_dns1 = ipv4(p, "internaldns1")?;
+    // What a Skyhold zone does not hold is refused, not silently dropped.
+    const ONE_DNS: &str = "a Skyhold zone has one DNS server and one internal DNS server (dns1, internaldns1)";
+    unsupported(
+        p,
+        &[
+            ("dns2", ONE_DNS),
+            ("internaldns2", ONE_DNS),
+            ("ip6dns1", "zones have no IPv6 DNS servers"),
+            ("ip6dns2", "zones have no IPv6 DNS servers"),
+            ("domain", "zones have no network domain"),
+            ("dnssearchorder", "zones have no DNS search order"),
+            ("guestcidraddress", "zones have no guest CIDR (guest addresses come from the pods' ranges)"),
+        ],
+    )?;
+    if let Some(d) = p.get("dhcpprovider")
+        && !d.eq_ignore_ascii_case("virtualrouter")
+    {
+        return Err(CsError::new(ErrorCode::Unsupported, "dhcpprovider is not supported: it is always VirtualRouter"));
+    }
+    if p.bool("localstorageenabled")? == Some(false) {
+        return Err(CsError::new(
+            ErrorCode::Unsupported,
+            "localstorageenabled=false is not supported: local storage is always enabled",
+        ));
+    }
+    // Every zone is public already (CloudStack's ispublic only turns a private zone public).
+    p.bool("ispublic")?;
+    let owner = ctx.caller.owner();
+    let zone = skyhold_db::retry_tx!(ctx.core.db(), |tx| {
+        async {
+            let Some(mut zone) = skyhold_db::infra::zone_fetch_for_update(&mut tx, &id).await? else {
+                return Err(CoreError::param(format!("Unable to find zone with specified id {id}")));
+            };
+            let taken = |n: &str| {
+                CoreError::param(format!("A zone with name {n} already exists. Please specify a unique zone name."))
+            };
+            if let Some(n) = &name
+                && let Some(other) = skyhold_db::infra::zone_find_by_name(&mut tx, n).await?
+                && other.id != zone.id
+            {
+                return Err(taken(n));
+            }
+            let before = zone.clone();
+            if let Some(n) = &name {
+                zone.name = n.clone();
+            }
+            if let Some(s) = state {
+                zone.allocation_state = s.into();
+            }
+            if let Some(d) = dns1 {
+                zone.dns1 = d.to_string();
+            }
+            if let Some(d) = internal_dns1 {
+                zone.internal_dns1 = d.to_string();
+            }
+            let changed = changes(&[
+                ("name", &before.name, &zone.name),
+                ("allocation state", &before.allocation_state, &zone.allocation_state),
+                ("dns1", &before.dns1, &zone.dns1),
+                ("internaldns1", &before.internal_dns1, &zone.internal_dns1),
+            ]);
+            // Nothing to change (or a rerun after a lost COMMIT answer): no write, no event.
+            if changed.is_empty() {
+                return Ok(zone);
+            }
+            skyhold_db::infra::zone_update(&mut tx, &zone)
+                .await
+                .map_err(|e| if e.is_unique_violation() { taken(&zone.name) } else { e.into() })?;
+            skyhold_core::events::record(
+                &mut tx,
+                &owner,
+                "ZONE.EDIT",
+                "INFO",
+                format!("Zone {} updated: {}", zone.name, changed.join(", ")),
+                Some(("Zone", &zone.id)),
+            )
+            .await?;
+            Ok::<Zone, CoreError>(zone)
+        }
+        .await
+    })
+    .map_err(cs)?;
+    tracing::info!(zone = %zone.name, id = %zone.id, state = %zone.allocation_state, "zone updated");
+    Ok(Reply::Obj(json!({ "zone": zone_json(&zone) })))
+}
+
+/// CloudStack's `updatePod`: name and allocation state. The address range cannot change (VMs
+/// hold addresses from it): `gateway`, `netmask`, `startip`, `endip` are accepted only with the
+/// pod's current values. One transaction with a POD.EDIT event when something changed.
+pub async fn update_pod(ctx: &Ctx<'_>) -> HResult {
+    let p = ctx.p;
+    let id = p.req_uuid("id")?;
+    let name = opt_name(p, "name")?;
+    let state = given_allocation_state(p)?;
+    let mut network = Vec::new();
+    for param in ["gateway", "netmask", "startip", "endip"] {
+        if let Some(ip) = ipv4(p, param)? {
+            network.push((param, ip.to_string()));
+        }
+    }
+    let owner = ctx.caller.owner();
+    let (pod, zone_name) = skyhold_db::retry_tx!(ctx.core.db(), |tx| {
+        async {
+            let not_found = || CoreError::param(format!("Unable to find pod with specified id {id}"));
+            let Some(mut pod) = skyhold_db::infra::pod_fetch_for_update(&mut tx, &id).await? else {
+                return Err(not_found());
+            };
+            // The zone's row lock orders this rename with pod creations and renames in the zone
+            // (the lock `createPod` takes; nothing holds it while waiting for a pod row).
+            let Some(zone) = skyhold_db::infra::zone_fetch_for_update(&mut tx, &pod.zone_id).await? else {
+                return Err(not_found());
+            };
+            for (param, ip) in &network {
+                let current = match *param {
+                    "gateway" => &pod.gateway,
+                    "netmask" => &pod.netmask,
+                    "startip" => &pod.start_ip,
+                    _ => &pod.end_ip,
+                };
+                if ip != current {
+                    return Err(CoreError::Cs(CsError::new(
+                        ErrorCode::Unsupported,
+                        format!(
+                            "{param} is not supported: the address range of pod {} ({} to {}, gateway {}, netmask {}) \
+                             cannot change; create another pod",
+                            pod.name, pod.start_ip, pod.end_ip, pod.gateway, pod.netmask
+                        ),
+                    )));
+                }
+            }
+            if let Some(n) = &name {
+                let siblings = skyhold_db::infra::pod_list_by_zone(&mut tx, &zone.id).await?;
+                if siblings.iter().any(|x| x.id != pod.id && x.name.to_lowercase() == n.to_lowercase()) {
+                    return Err(CoreError::param(format!(
+                        "A pod with name {n} already exists in zone {}. Please specify a different pod name.",
+                        zone.name
+                    )));
+                }
+            }
+            let before = pod.clone();
+            if let Some(n) = &name {
+                pod.name = n.clone();
+            }
+            if let Some(s) = state {
+                pod.allocation_state = s.into();
+            }
+            let changed = changes(&[
+                ("name", &before.name, &pod.name),
+                ("allocation state", &before.allocation_state, &pod.allocation_state),
+            ]);
+            // Nothing to change (or a rerun after a lost COMMIT answer): no write, no event.
+            if changed.is_empty() {
+                return Ok((pod, zone.name));
+            }
+            skyhold_db::infra::pod_update(&mut tx, &pod).await?;
+            skyhold_core::events::record(
+                &mut tx,
+                &owner,
+                "POD.EDIT",
+                "INFO",
+                format!("Pod {} of zone {} updated: {}", pod.name, zone.name, changed.join(", ")),
+                Some(("Pod", &pod.id)),
+            )
+            .await?;
+            Ok::<(Pod, String), CoreError>((pod, zone.name))
+        }
+        .await
+    })
+    .map_err(cs)?;
+    tracing::info!(pod = %pod.name, id = %pod.id, state = %pod.allocation_state, "pod updated");
+    Ok(Reply::Obj(json!({ "pod": pod_json(&pod, &zone_name) })))
+}
+
+/// CloudStack's `updateCluster`: `clustername` and allocation state; `hypervisor`, `clustertype`
+/// and `managedstate` are accepted with the only values a Skyhold cluster has (Simulator,
+/// CloudManaged, Managed). One transaction with a CLUSTER.EDIT event when something changed
+/// (CloudStack records no event here; Skyhold's pairs with its CLUSTER.CREATE).
+pub async fn update_cluster(ctx: &Ctx<'_>) -> HResult {
+    let p = ctx.p;
+    let id = p.req_uuid("id")?;
+    let name = opt_name(p, "clustername")?;
+    let state = given_allocation_state(p)?;
+    if let Some(h) = p.get("hypervisor")
+        && !h.eq_ignore_ascii_case("simulator")
+    {
+        return Err(p.invalid("hypervisor", "Skyhold manages Simulator hosts only"));
+    }
+    match p.get("clustertype") {
+        None => {}
+        Some(t) if t.eq_ignore_ascii_case("cloudmanaged") => {}
+        Some(t) if t.eq_ignore_ascii_case("externalmanaged") => {
+            return Err(
+                p.invalid("clustertype", "ExternalManaged (vCenter) clusters are not supported; use CloudManaged")
+            );
+        }
+        Some(_) => return Err(p.invalid("clustertype", "must be CloudManaged or ExternalManaged")),
+    }
+    match p.get("managedstate") {
+        None => {}
+        Some(m) if m.eq_ignore_ascii_case("managed") => {}
+        Some(m) if m.eq_ignore_ascii_case("unmanaged") => {
+            return Err(CsError::new(
+                ErrorCode::Unsupported,
+                "managedstate=Unmanaged is not supported: a Skyhold cluster is always Managed (to keep VMs off it, \
+                 set allocationstate=Disabled)",
+            ));
+        }
+        Some(_) => return Err(p.invalid("managedstate", "must be Managed or Unmanaged")),
+    }
+    let owner = ctx.caller.owner();
+    let (cluster, zone_name, pod_name) = skyhold_db::retry_tx!(ctx.core.db(), |tx| {
+        async {
+            let not_found = || CoreError::param(format!("Unable to find cluster with specified id {id}"));
+            let Some(mut cluster) = skyhold_db::infra::cluster_fetch_for_update(&mut tx, &id).await? else {
+                return Err(not_found());
+            };
+            // The pod's row lock orders this rename with cluster creations and renames in the pod
+            // (the lock `addCluster` takes; nothing holds it while waiting for a cluster row).
+            let Some(pod) = skyhold_db::infra::pod_fetch_for_update(&mut tx, &cluster.pod_id).await? else {
+                return Err(not_found());
+            };
+            if let Some(n) = &name
+                && let Some(other) = skyhold_db::infra::cluster_find_by_name(&mut tx, &pod.id, n).await?
+                && other.id != cluster.id
+            {
+                return Err(CoreError::param(format!("A cluster with name {n} already exists in pod {}", pod.name)));
+            }
+            let zone_name = zone_list(&mut tx)
+                .await?
+                .into_iter()
+                .find(|z| z.id == cluster.zone_id)
+                .map(|z| z.name)
+                .unwrap_or_default();
+            let before = cluster.clone();
+            if let Some(n) = &name {
+                cluster.name = n.clone();
+            }
+            if let Some(s) = state {
+                cluster.allocation_state = s.into();
+            }
+            let changed = changes(&[
+                ("name", &before.name, &cluster.name),
+                ("allocation state", &before.allocation_state, &cluster.allocation_state),
+            ]);
+            // Nothing to change (or a rerun after a lost COMMIT answer): no write, no event.
+            if changed.is_empty() {
+                return Ok((cluster, zone_name, pod.name));
+            }
+            skyhold_db::infra::cluster_update(&mut tx, &cluster).await?;
+            skyhold_core::events::record(
+                &mut tx,
+                &owner,
+                "CLUSTER.EDIT",
+                "INFO",
+                format!(
+                    "Cluster {} in pod {} of zone {} updated: {}",
+                    cluster.name,
+                    pod.name,
+                    zone_name,
+                    changed.join(", ")
+                ),
+                Some(("Cluster", &cluster.id)),
+            )
+            .await?;
+            Ok::<(Cluster, String, String), CoreError>((cluster, zone_name, pod.name))
+        }
+        .await
+    })
+    .map_err(cs)?;
+    tracing::info!(cluster = %cluster.name, id = %cluster.id, state = %cluster.allocation_state, "cluster updated");
+    Ok(Reply::Obj(json!({ "cluster": cluster_json(&cluster, &zone_name, &pod_name) })))
 }
 
 #[cfg(test)]

@@ -221,6 +221,8 @@ async fn plan(ctx: &JobCtx) -> Result<Option<Value>, CoreError> {
                 pod_id: None,
                 cluster_id: Some(&source.cluster_id),
                 exclude: &exclude,
+                // Only an administrator's explicit hostid may land in a Disabled pod or cluster.
+                ignore_allocation: wanted.is_some(),
             };
             let dst = match choose_host(&caps, &req) {
                 Ok(h) => h.id.clone(),

@@ -157,6 +157,10 @@ async fn plan(
                 pod_id: vm.pod_id.as_deref(),
                 cluster_id: if ha { ha_cluster.as_deref() } else { None },
                 exclude,
+                // A Disabled pod or cluster takes no new VMs, but an HA restart may use it:
+                // restoring a VM that was running beats an allocation policy. An administrator's
+                // explicit hostid may too, as CloudStack lets root admins choose the host.
+                ignore_allocation: ha || required.is_some(),
             };
             let host = match choose_host(&caps, &req) {
                 Ok(h) => {
