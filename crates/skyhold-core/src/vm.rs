@@ -140,17 +140,21 @@ impl Core {
                 let pods: Vec<_> = skyhold_db::infra::pod_list(c)
                     .await?
                     .into_iter()
-                    .filter(|p| p.zone_id == zone.id && p.allocation_state == "Enabled")
-                    .filter(|p| host_pod.as_ref().is_none_or(|hp| &p.id == hp))
+                    .filter(|p| p.zone_id == zone.id)
+                    .filter(|p| match &host_pod {
+                        // An admin's explicit host: its pod, whatever its allocation state (as
+                        // placement allows the required host).
+                        Some(hp) => &p.id == hp,
+                        None => p.allocation_state == "Enabled",
+                    })
                     .collect();
                 if pods.is_empty() {
                     return Err(CoreError::cs(
                         ErrorCode::InsufficientCapacity,
                         match host_pod {
-                            Some(_) => format!(
-                                "Insufficient address capacity: the pod of the host is not Enabled in zone {}",
-                                zone.name
-                            ),
+                            Some(_) => {
+                                format!("Insufficient address capacity: the host's pod is not in zone {}", zone.name)
+                            }
                             None => format!(
                                 "Insufficient address capacity: zone {} has no Enabled pod with a guest IP range",
                                 zone.name

@@ -999,6 +999,10 @@ fn disabled_cluster_takes_no_new_vms(b: Backend) {
     c.ok("updatePod", &[("id", &p2), ("allocationstate", "Disabled")]);
     let j = job("startVirtualMachine", &vm2);
     assert_eq!((j["jobstatus"].clone(), j["jobresultcode"].clone()), (2.into(), 533.into()), "{j}");
+    // An admin's explicit host in the Disabled pod: allowed, with an address of that pod.
+    let (_, j) = deploy("pinned-disabled-pod", &[("hostid", &h2)]);
+    assert_eq!(j["jobstatus"], 1, "{j}");
+    assert_eq!(j["jobresult"]["virtualmachine"]["hostid"], h2.as_str());
     c.ok("updatePod", &[("id", &p2), ("allocationstate", "Enabled")]);
     assert_eq!(job("startVirtualMachine", &vm2)["jobstatus"], 1);
 

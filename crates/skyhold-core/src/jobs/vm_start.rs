@@ -208,8 +208,15 @@ async fn plan(
                             vm.mem_mb
                         ),
                         NoHost::NoCapacity => format!(
-                            "Insufficient capacity to start VM {}: no Up and Enabled host in zone {} has {} free CPU cores and {} MB of free memory",
-                            vm.name, vm.zone_name, vm.cpu, vm.mem_mb
+                            "Insufficient capacity to start VM {}: no Up and Enabled host {} has {} free CPU cores and {} MB of free memory",
+                            vm.name,
+                            if ha {
+                                format!("of its failed host's cluster in zone {}", vm.zone_name)
+                            } else {
+                                format!("of an Enabled pod and cluster in zone {}", vm.zone_name)
+                            },
+                            vm.cpu,
+                            vm.mem_mb
                         ),
                     };
                     let code = if why == NoHost::RequiredHostUnusable {
