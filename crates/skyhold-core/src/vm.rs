@@ -60,6 +60,13 @@ pub struct DeployRequest {
     pub ha_enable: Option<bool>,
 }
 
+/// What a queued job works on.
+#[derive(Clone, Copy)]
+enum JobTarget<'a> {
+    Vm(&'a str),
+    Host(&'a str),
+}
+
 fn not_found(what: &str, id: &str) -> CoreError {
     CoreError::param(format!("Unable to find {what} with specified id {id}"))
 }
@@ -312,69 +319,58 @@ impl Core {
         cmd: &'static str,
         params: serde_json::Value,
     ) -> Result<String, CoreError> {
+        self.queue_job(caller, cmd, params.to_string(), JobTarget::Vm(vm_id)).await
+    }
+
+    /// Queue a host job (`prepareHostForMaintenance`, `cancelHostMaintenance`); returns its id.
+    pub async fn host_queue_job(&self, caller: &Caller, host_id: &str, cmd: &'static str) -> Result<String, CoreError> {
+        self.queue_job(caller, cmd, "{}".into(), JobTarget::Host(host_id)).await
+    }
+
+    /// Check the request against its object and insert the job, in one transaction; wake the
+    /// executors. Returns the job id.
+    async fn queue_job(
+        &self,
+        caller: &Caller,
+        cmd: &'static str,
+        params: String,
+        target: JobTarget<'_>,
+    ) -> Result<String, CoreError> {
         if self.is_shutting_down() {
             return Err(CoreError::cs(ErrorCode::Unavailable, "management server is shutting down"));
         }
         let job_id = uuid::Uuid::new_v4().to_string();
-        let params = params.to_string();
         retry_tx!(self.db(), |tx| {
             async {
                 // A rerun after a lost COMMIT answer: the first attempt did commit.
                 if skyhold_db::job::job_fetch(&mut tx, &job_id).await?.is_some() {
                     return Ok(());
                 }
-                let vm = vm_visible(&mut tx, caller, vm_id).await?;
-                let state: VmState = vm.state.parse().unwrap_or(VmState::Error);
-                let refused = match cmd {
-                    cmd::START | cmd::STOP | cmd::REBOOT => {
-                        matches!(state, VmState::Destroyed | VmState::Expunging)
+                let (kind, id) = match target {
+                    JobTarget::Vm(vm_id) => {
+                        let vm = vm_visible(&mut tx, caller, vm_id).await?;
+                        let state: VmState = vm.state.parse().unwrap_or(VmState::Error);
+                        let refused = match cmd {
+                            cmd::START | cmd::STOP | cmd::REBOOT => {
+                                matches!(state, VmState::Destroyed | VmState::Expunging)
+                            }
+                            cmd::DESTROY => state == VmState::Expunging,
+                            cmd::EXPUNGE => state == VmState::Expunging,
+                            _ => false,
+                        };
+                        if refused {
+                            return Err(CoreError::cs(
+                                ErrorCode::ParamError,
+                                format!("VM {} is in state {}; the operation is not allowed", vm.name, vm.state),
+                            ));
+                        }
+                        ("VirtualMachine", vm.id)
                     }
-                    cmd::DESTROY => state == VmState::Expunging,
-                    cmd::EXPUNGE => state == VmState::Expunging,
-                    _ => false,
-                };
-                if refused {
-                    return Err(CoreError::cs(
-                        ErrorCode::ParamError,
-                        format!("VM {} is in state {}; the operation is not allowed", vm.name, vm.state),
-                    ));
-                }
-                job_insert(
-                    &mut tx,
-                    &NewJob {
-                        id: job_id.clone(),
-                        cmd: cmd.into(),
-                        user_id: caller.user_id.clone(),
-                        account_id: caller.account_id.clone(),
-                        domain_id: caller.domain_id.clone(),
-                        instance_type: Some("VirtualMachine".into()),
-                        instance_id: Some(vm.id.clone()),
-                        params: params.clone(),
+                    JobTarget::Host(host_id) => match skyhold_db::infra::host_fetch(&mut tx, host_id).await? {
+                        Some(h) => ("Host", h.id),
+                        None => return Err(not_found("host", host_id)),
                     },
-                )
-                .await?;
-                Ok::<(), CoreError>(())
-            }
-            .await
-        })?;
-        self.wake_cluster();
-        Ok(job_id)
-    }
-
-    /// Queue a host job (`prepareHostForMaintenance`, `cancelHostMaintenance`); returns its id.
-    pub async fn host_queue_job(&self, caller: &Caller, host_id: &str, cmd: &'static str) -> Result<String, CoreError> {
-        if self.is_shutting_down() {
-            return Err(CoreError::cs(ErrorCode::Unavailable, "management server is shutting down"));
-        }
-        let job_id = uuid::Uuid::new_v4().to_string();
-        retry_tx!(self.db(), |tx| {
-            async {
-                if skyhold_db::job::job_fetch(&mut tx, &job_id).await?.is_some() {
-                    return Ok(());
-                }
-                if skyhold_db::infra::host_fetch(&mut tx, host_id).await?.is_none() {
-                    return Err(not_found("host", host_id));
-                }
+                };
                 job_insert(
                     &mut tx,
                     &NewJob {
@@ -383,9 +379,9 @@ impl Core {
                         user_id: caller.user_id.clone(),
                         account_id: caller.account_id.clone(),
                         domain_id: caller.domain_id.clone(),
-                        instance_type: Some("Host".into()),
-                        instance_id: Some(host_id.to_string()),
-                        params: "{}".into(),
+                        instance_type: Some(kind.into()),
+                        instance_id: Some(id),
+                        params: params.clone(),
                     },
                 )
                 .await?;
