@@ -1,5 +1,6 @@
-//! Shared parts of the Skyhold benchmarks: request signing, the `skyhold` binary as a child
-//! process, seeding through `skyhold-db`, closed-loop load, and machine facts for the reports.
+//! Shared parts of the Skyhold benchmarks: their common command-line options, request signing,
+//! the `skyhold` binary as a child process, seeding through `skyhold-db`, closed-loop load, and
+//! machine facts and JSON for the reports.
 //!
 //! The binaries use them: `skyhold-bench` (API throughput and latency against the database's raw
 //! rate), `skyhold-bench-cluster` (management-server failover and membership load),
@@ -7,6 +8,7 @@
 //! restart time).
 
 pub mod backend;
+pub mod cli;
 pub mod load;
 pub mod seed;
 pub mod server;

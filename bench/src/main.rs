@@ -8,14 +8,15 @@
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde_json::{Value, json};
-use skyhold_bench::backend::{Backend, BackendArg};
+use skyhold_bench::backend::Backend;
+use skyhold_bench::cli::{BackendArgs, OutputArgs, SkyholdArgs};
 use skyhold_bench::load::{self, DbOp, Stats, Window, round3};
-use skyhold_bench::server::{self, Server};
+use skyhold_bench::server::{self, DbSource, Server, ServerOpts};
 use skyhold_bench::sign::{self, Creds};
-use skyhold_bench::util::{bench_profile, database_version, drop_mysql_database, loadavg, machine_info};
+use skyhold_bench::util::{database_version, machine_info, print_machine, report_head};
 use skyhold_bench::{STOP, seed};
 use skyhold_db::{Db, DbConfig};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -26,19 +27,22 @@ const DEFAULT_PAGE: usize = 500;
 #[derive(Parser, Debug)]
 #[command(
     name = "skyhold-bench",
-    about = "API throughput and latency of a Skyhold management server, against its database's raw rate"
+    about = "API throughput and latency of a Skyhold management server, against its database's raw rate",
+    mut_arg("mysql_url", |a| a.help(
+        "MariaDB/MySQL server URL without a database (mysql://USER:PASS@HOST:PORT); the bench creates a \
+         database of its own there and drops it at the end"
+    )),
+    mut_arg("tmp_dir", |a| a.help("Parent directory of the temporary data directory (SQLite file, key, server log)")),
+    mut_arg("keep", |a| a.help(
+        "Keep the data directory and the MariaDB database afterwards (to inspect them); the server is \
+         stopped all the same"
+    ))
 )]
 struct Args {
-    /// The skyhold binary to benchmark.
-    #[arg(long, default_value = "target/release/skyhold")]
-    skyhold: PathBuf,
-    /// Which database(s) to run on.
-    #[arg(long, value_enum, default_value_t = BackendArg::Sqlite)]
-    backend: BackendArg,
-    /// MariaDB/MySQL server URL without a database (mysql://USER:PASS@HOST:PORT); the bench
-    /// creates a database of its own there and drops it at the end.
-    #[arg(long, env = "SKYHOLD_BENCH_MYSQL_URL")]
-    mysql_url: Option<String>,
+    #[command(flatten)]
+    bin: SkyholdArgs,
+    #[command(flatten)]
+    db: BackendArgs,
     /// Number of VMs to seed (each with a root volume and a NIC).
     #[arg(long, default_value_t = 10_000)]
     vms: usize,
@@ -54,16 +58,8 @@ struct Args {
     /// Concurrent clients (HTTP client threads, or database tasks with a pool of this size).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    json_out: Option<PathBuf>,
-    /// Parent directory of the temporary data directory (SQLite file, key, server log).
-    #[arg(long)]
-    tmp_dir: Option<PathBuf>,
-    /// Keep the data directory and the MariaDB database afterwards (to inspect them); the server
-    /// is stopped all the same.
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    out: OutputArgs,
     /// MariaDB: do not run ANALYZE TABLE after seeding (measure the plans of a just-loaded
     /// database instead of settled statistics).
     #[arg(long)]
@@ -92,17 +88,8 @@ fn run(args: Args) -> Result<bool> {
     if args.vms == 0 || args.jobs == 0 || args.concurrency == 0 || args.duration_secs == 0 {
         bail!("--vms, --jobs, --concurrency and --duration-secs must be at least 1");
     }
-    let backends = args.backend.expand();
-    if backends.contains(&Backend::MySql) && args.mysql_url.is_none() {
-        bail!("--backend mysql/both needs --mysql-url mysql://USER:PASS@HOST:PORT (or SKYHOLD_BENCH_MYSQL_URL)");
-    }
-    if !args.skyhold.is_file() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p skyhold) or pass --skyhold PATH",
-            args.skyhold.display()
-        );
-    }
-    let skyhold = std::fs::canonicalize(&args.skyhold)?;
+    let backends = args.db.backends()?;
+    let skyhold = args.bin.binary()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     skyhold_bench::util::stop_on_ctrl_c(&rt);
 
@@ -116,14 +103,7 @@ fn run(args: Args) -> Result<bool> {
         "skyhold-bench: {} VMs, {} jobs, concurrency {}, {} s per operation (+{} s warm-up)",
         args.vms, args.jobs, args.concurrency, args.duration_secs, args.warmup_secs
     );
-    println!(
-        "machine: {} CPUs ({}), load average {}; bench build: {}; server: {}",
-        machine["nproc"],
-        machine["cpu"].as_str().unwrap_or("?"),
-        machine["loadavg_start"].as_str().unwrap_or("?"),
-        bench_profile(),
-        skyhold.display()
-    );
+    print_machine(&machine, &skyhold);
 
     let mut reports = Vec::new();
     let mut ok = true;
@@ -148,28 +128,19 @@ fn run(args: Args) -> Result<bool> {
         }
     }
 
-    if let Some(path) = &args.json_out {
-        let mut machine = machine;
-        machine["loadavg_end"] = json!(loadavg());
-        let out = json!({
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
-            "machine": machine,
-            "bench_profile": bench_profile(),
-            "skyhold": skyhold.display().to_string(),
-            "config": {
-                "vms": args.vms,
-                "jobs": args.jobs,
-                "concurrency": args.concurrency,
-                "duration_secs": args.duration_secs,
-                "warmup_secs": args.warmup_secs,
-                "default_page": DEFAULT_PAGE,
-            },
-            "backends": reports.iter().map(report_json).collect::<Vec<_>>(),
+    args.out.write_json(|| {
+        let mut out = report_head(machine, &skyhold);
+        out["config"] = json!({
+            "vms": args.vms,
+            "jobs": args.jobs,
+            "concurrency": args.concurrency,
+            "duration_secs": args.duration_secs,
+            "warmup_secs": args.warmup_secs,
+            "default_page": DEFAULT_PAGE,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")
-            .with_context(|| format!("write {}", path.display()))?;
-        println!("\nJSON written to {}", path.display());
-    }
+        out["backends"] = reports.iter().map(report_json).collect();
+        out
+    })?;
     Ok(ok)
 }
 
@@ -181,33 +152,20 @@ fn run_backend(
     b: Backend,
     w: Window,
 ) -> Result<BackendReport> {
-    let mut tmp = tempfile::Builder::new();
-    tmp.prefix("skyhold-bench-");
-    let dir = match &args.tmp_dir {
-        Some(p) => tmp.tempdir_in(p),
-        None => tmp.tempdir(),
-    }
-    .context("create a temporary directory")?;
-    let (db_url, mysql) = match b {
-        Backend::Sqlite => (format!("sqlite://{}", dir.path().join("skyhold.db").display()), None),
-        Backend::MySql => {
-            let server = args.mysql_url.as_deref().unwrap_or_default().trim_end_matches('/').to_string();
-            let (url, name) = skyhold_bench::util::new_mysql_database(&server, "skyhold_bench_");
-            (url, Some((server, name)))
-        }
-    };
-    println!("database: {}", skyhold_db::redact_url(&db_url));
-    let res = measure_backend(rt, args, skyhold, b, w, dir.path(), &db_url);
-    if args.keep {
+    let dir = args.out.temp_dir("skyhold-bench-")?;
+    let db = args.db.database(b, dir.path(), "skyhold_bench_")?;
+    println!("database: {}", skyhold_db::redact_url(&db.url));
+    let res = measure_backend(rt, args, skyhold, b, w, dir.path(), &db.url);
+    if args.out.keep {
         println!(
             "kept (--keep): data directory {}, database {}",
             dir.keep().display(),
-            skyhold_db::redact_url(&db_url)
+            skyhold_db::redact_url(&db.url)
         );
         return res;
     }
-    if let Some((server, name)) = mysql {
-        match rt.block_on(drop_mysql_database(&server, &name)) {
+    if let Some(name) = db.mysql_name() {
+        match rt.block_on(db.drop_database()) {
             Ok(()) => println!("dropped database {name}"),
             Err(e) => eprintln!("could not drop database {name}: {e:#}"),
         }
@@ -227,7 +185,8 @@ fn measure_backend(
     dir: &Path,
     db_url: &str,
 ) -> Result<BackendReport> {
-    let admin = server::db_init(skyhold, dir, db_url)?;
+    let source = DbSource::Url(db_url.to_string());
+    let admin = server::db_init(skyhold, dir, &source)?.admin;
     let db = rt
         .block_on(Db::connect(&DbConfig {
             url: db_url.to_string(),
@@ -251,7 +210,7 @@ fn measure_backend(
         if analyzed {
             println!("ran ANALYZE TABLE on the seeded tables (--no-analyze to skip)");
         }
-        let mut srv = Server::start(skyhold, dir, db_url)?;
+        let mut srv = Server::start(skyhold, dir, &source, &ServerOpts::default())?;
         println!("server pid {} on API port {}", srv.pid, srv.api_port);
         let res = measure(rt, &db, &srv, &admin, &seeded, args, w);
         if res.is_err() {

@@ -1,4 +1,5 @@
-//! The `skyhold` binary as a child process: `db init` and one management server.
+//! The `skyhold` binary as a child process: `db init` and one management server, started the
+//! same way by every benchmark (free or fixed ports, `--ports-file`, then `GET /ready`).
 
 use crate::sign::Creds;
 use anyhow::{Context, Result, bail};
@@ -7,10 +8,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `skyhold db init --seed`: schema, admin account and the demo zone/pod/offerings/templates.
-/// Returns the admin's API key pair.
-pub fn db_init(bin: &Path, data_dir: &Path, db_url: &str) -> Result<Creds> {
-    Ok(db_init_full(bin, data_dir, db_url)?.admin)
+/// How `skyhold` finds its database.
+#[derive(Debug, Clone)]
+pub enum DbSource {
+    /// `--db URL`.
+    Url(String),
+    /// `--db-properties FILE`: a CloudStack `db.properties` (HA topologies).
+    Properties(PathBuf),
+}
+
+impl DbSource {
+    fn add_to(&self, cmd: &mut Command) {
+        match self {
+            DbSource::Url(u) => cmd.args(["--db", u]),
+            DbSource::Properties(p) => cmd.arg("--db-properties").arg(p),
+        };
+    }
 }
 
 /// What `skyhold db init` hands out.
@@ -20,16 +33,15 @@ pub struct Init {
     pub agent_token: String,
 }
 
-/// `skyhold db init --seed`, returning the admin's API keys and the agents' join token.
-pub fn db_init_full(bin: &Path, data_dir: &Path, db_url: &str) -> Result<Init> {
-    let out = Command::new(bin)
-        .args(["db", "init", "--seed", "--admin-password", "password", "--db", db_url])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {}", bin.display()))?;
+/// `skyhold db init --seed` with `data_dir` (created if missing): schema, admin account and the
+/// demo zone/pod/offerings/templates. Returns the admin's API keys and the agents' join token.
+pub fn db_init(bin: &Path, data_dir: &Path, db: &DbSource) -> Result<Init> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["db", "init", "--seed", "--admin-password", "password"]).arg("--data-dir").arg(data_dir);
+    db.add_to(&mut cmd);
+    let out =
+        cmd.env("RUST_LOG", "warn").stdin(Stdio::null()).output().with_context(|| format!("run {}", bin.display()))?;
     if !out.status.success() {
         bail!("skyhold db init failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
@@ -55,11 +67,25 @@ pub struct ServerOpts {
     pub rust_log: Option<String>,
     /// Append to the log (a restarted server keeps its earlier runs' lines).
     pub append_log: bool,
+    /// SIGKILL the server when the thread that starts it exits
+    /// ([`skyhold_testkit::die_with_parent`]), so that a bench killed outright leaves none behind.
+    /// Start it from a thread that outlives it.
+    pub die_with_parent: bool,
+    /// How long [`Server::stop`] waits after SIGTERM before it sends SIGKILL.
+    pub stop_grace: Duration,
 }
 
 impl Default for ServerOpts {
     fn default() -> Self {
-        ServerOpts { name: "server".into(), ms_id: None, ports: [0; 3], rust_log: None, append_log: false }
+        ServerOpts {
+            name: "server".into(),
+            ms_id: None,
+            ports: [0; 3],
+            rust_log: None,
+            append_log: false,
+            die_with_parent: false,
+            stop_grace: Duration::from_secs(30),
+        }
     }
 }
 
@@ -72,18 +98,20 @@ pub struct Server {
     pub cluster_port: u16,
     pub log: PathBuf,
     ports_file: PathBuf,
+    stop_grace: Duration,
 }
 
 impl Server {
-    /// Start `skyhold server` on free ports and wait until `/ready` answers 200.
-    pub fn start(bin: &Path, data_dir: &Path, db_url: &str) -> Result<Server> {
-        let mut s = Server::spawn(bin, data_dir, db_url, &ServerOpts::default())?;
+    /// Start `skyhold server` and wait (up to 60 s) until `/ready` answers 200.
+    pub fn start(bin: &Path, data_dir: &Path, db: &DbSource, o: &ServerOpts) -> Result<Server> {
+        let mut s = Server::spawn(bin, data_dir, db, o)?;
         s.wait_ready(Duration::from_secs(60))?;
         Ok(s)
     }
 
-    /// Start `skyhold server` without waiting for it (see [`Server::wait_ready`]).
-    pub fn spawn(bin: &Path, data_dir: &Path, db_url: &str, o: &ServerOpts) -> Result<Server> {
+    /// Start `skyhold server` (with `$RUST_LOG`, else `info,sqlx=warn`, unless `o` says) without
+    /// waiting for it (see [`Server::wait_ready`]).
+    pub fn spawn(bin: &Path, data_dir: &Path, db: &DbSource, o: &ServerOpts) -> Result<Server> {
         let ports_file = data_dir.join(format!("{}.ports", o.name));
         let _ = std::fs::remove_file(&ports_file);
         let log = data_dir.join(format!("{}.log", o.name));
@@ -98,14 +126,18 @@ impl Server {
             o.rust_log.clone().or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info,sqlx=warn".into());
         let [api, agent, cluster] = o.ports.map(|p| p.to_string());
         let mut cmd = Command::new(bin);
-        cmd.args(["server", "--db", db_url, "--bind", "127.0.0.1"])
+        cmd.args(["server", "--bind", "127.0.0.1"])
             .args(["--api-port", &api, "--agent-port", &agent, "--cluster-port", &cluster])
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--ports-file")
             .arg(&ports_file);
+        db.add_to(&mut cmd);
         if let Some(id) = &o.ms_id {
             cmd.args(["--ms-id", id]);
+        }
+        if o.die_with_parent {
+            skyhold_testkit::die_with_parent(&mut cmd);
         }
         let child = cmd
             .env("RUST_LOG", rust_log)
@@ -115,7 +147,16 @@ impl Server {
             .spawn()
             .with_context(|| format!("start {} server", bin.display()))?;
         let pid = child.id();
-        Ok(Server { child: Some(child), pid, api_port: 0, agent_port: 0, cluster_port: 0, log, ports_file })
+        Ok(Server {
+            child: Some(child),
+            pid,
+            api_port: 0,
+            agent_port: 0,
+            cluster_port: 0,
+            log,
+            ports_file,
+            stop_grace: o.stop_grace,
+        })
     }
 
     /// Wait for the ports file, then until `/ready` answers 200.
@@ -183,32 +224,22 @@ impl Server {
 
     /// The last `n` lines of the server's log.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(n);
-        format!("---- last lines of {} ----\n{}", self.log.display(), lines[from..].join("\n"))
+        crate::util::log_tail(&self.log, n)
     }
 
-    /// SIGTERM by PID (graceful shutdown), then SIGKILL if it has not exited within 30 s.
+    /// SIGTERM by PID (graceful shutdown), then SIGKILL if it has not exited within
+    /// [`ServerOpts::stop_grace`] (30 s unless set).
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if !crate::util::terminate(&mut child, self.stop_grace) {
+            eprintln!(
+                "server (pid {}) did not stop within {} s of SIGTERM: killed it",
+                self.pid,
+                self.stop_grace.as_secs()
+            );
         }
-        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("server (pid {}) did not stop within 30 s of SIGTERM: killing it", self.pid);
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 

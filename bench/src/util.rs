@@ -1,9 +1,13 @@
-//! Small helpers shared by the benchmark binaries: machine facts, database housekeeping, Ctrl-C.
+//! Small helpers shared by the benchmark binaries: machine facts, JSON reports, database
+//! housekeeping, child processes, Ctrl-C.
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use skyhold_db::Db;
+use std::path::Path;
+use std::process::Child;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 /// `debug` or `release`: how this benchmark binary was built.
 pub fn bench_profile() -> &'static str {
@@ -36,6 +40,42 @@ pub fn machine_info() -> Value {
         "arch": std::env::consts::ARCH,
         "loadavg_start": loadavg(),
     })
+}
+
+/// The line every benchmark prints after its own: the machine ([`machine_info`]), this build's
+/// profile and the server binary under test.
+pub fn print_machine(machine: &Value, skyhold: &Path) {
+    println!(
+        "machine: {} CPUs ({}), load average {}; bench build: {}; server: {}",
+        machine["nproc"],
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["loadavg_start"].as_str().unwrap_or("?"),
+        bench_profile(),
+        skyhold.display()
+    );
+}
+
+/// The head of every JSON report: the command line, the machine ([`machine_info`]), this
+/// build's profile and the server binary. [`write_json`] adds the load average at the end.
+pub fn report_head(machine: Value, skyhold: &Path) -> Value {
+    json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "machine": machine,
+        "bench_profile": bench_profile(),
+        "skyhold": skyhold.display().to_string(),
+    })
+}
+
+/// Write a report (headed by [`report_head`]) to `path` as pretty JSON, with the load average
+/// now as `machine.loadavg_end`.
+pub fn write_json(path: &Path, mut report: Value) -> Result<()> {
+    if let Some(m) = report.get_mut("machine").and_then(Value::as_object_mut) {
+        m.insert("loadavg_end".into(), json!(loadavg()));
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("write {}", path.display()))?;
+    println!("\nJSON written to {}", path.display());
+    Ok(())
 }
 
 /// `SQLite 3.x` or the MariaDB/MySQL version string.
@@ -77,4 +117,31 @@ pub fn stop_on_ctrl_c(rt: &tokio::runtime::Runtime) {
             crate::STOP.store(true, Ordering::Relaxed);
         }
     });
+}
+
+/// SIGTERM `child` by PID (a graceful stop), then SIGKILL if it has not exited within `grace`;
+/// reaps it. Returns false when it had to be killed.
+pub fn terminate(child: &mut Child, grace: Duration) -> bool {
+    if let Ok(Some(_)) = child.try_wait() {
+        return true;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// The last `n` lines of a log file, under a heading that names it.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!("---- last lines of {} ----\n{}", path.display(), lines[lines.len().saturating_sub(n)..].join("\n"))
 }

@@ -17,13 +17,16 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
+use skyhold_bench::backend::BenchDb;
+use skyhold_bench::cli::{OutputArgs, SkyholdArgs};
 use skyhold_bench::load::round3;
+use skyhold_bench::server::{self, DbSource, Init, Server, ServerOpts};
 use skyhold_bench::sign::{self, Creds};
-use skyhold_bench::util::{bench_profile, drop_mysql_database, loadavg, machine_info, new_mysql_database};
+use skyhold_bench::util::{machine_info, print_machine, report_head};
 use skyhold_db::{Db, DbConfig, DbError, Dialect, Sql, retry_tx};
 use skyhold_testkit::{Galera, Mdb, Rejoin, die_with_parent, fast_tmp, promote, reattach_as_replica, sql};
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,12 +59,17 @@ impl Backend {
 #[derive(Parser, Debug)]
 #[command(
     name = "skyhold-bench-db",
-    about = "Database failover window (Galera node, replication primary) and async-job throughput per backend"
+    about = "Database failover window (Galera node, replication primary) and async-job throughput per backend",
+    mut_arg("json_out", |a| a.help("Also write every round and figure as JSON to this file")),
+    mut_arg("tmp_dir", |a| a.help(
+        "Parent directory of the temporary directory (database nodes, data directories, logs). Default: \
+         /dev/shm when it exists"
+    )),
+    mut_arg("keep", |a| a.help("Keep the temporary directory (and the MariaDB database of --mysql-url) afterwards"))
 )]
 struct Args {
-    /// The skyhold binary to benchmark.
-    #[arg(long, default_value = "target/release/skyhold")]
-    skyhold: PathBuf,
+    #[command(flatten)]
+    bin: SkyholdArgs,
     /// Kills per topology.
     #[arg(long, default_value_t = 10)]
     kills: usize,
@@ -128,16 +136,8 @@ struct Args {
     /// Skip the throughput part.
     #[arg(long)]
     skip_throughput: bool,
-    /// Also write every round and figure as JSON to this file.
-    #[arg(long)]
-    json_out: Option<PathBuf>,
-    /// Parent directory of the temporary directory (database nodes, data directories, logs).
-    /// Default: /dev/shm when it exists.
-    #[arg(long)]
-    tmp_dir: Option<PathBuf>,
-    /// Keep the temporary directory (and the MariaDB database of --mysql-url) afterwards.
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -152,12 +152,7 @@ fn run(args: Args) -> Result<bool> {
     if args.galera_nodes < 3 {
         bail!("--galera-nodes must be at least 3 (a killed node must leave a quorum)");
     }
-    if !args.skyhold.is_file() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p skyhold) or pass --skyhold PATH",
-            args.skyhold.display()
-        );
-    }
+    let skyhold = args.bin.binary()?;
     if !skyhold_testkit::have_mariadb() {
         bail!("mariadbd not found: apt-get install mariadb-server mariadb-client (scripts/test.sh installs them)");
     }
@@ -165,7 +160,6 @@ fn run(args: Args) -> Result<bool> {
     if galera_needed && !skyhold_testkit::have_galera() {
         bail!("Galera needs galera-4 and rsync: apt-get install galera-4 rsync (or --skip-galera, --backends)");
     }
-    let skyhold = std::fs::canonicalize(&args.skyhold)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     skyhold_bench::util::stop_on_ctrl_c(&rt);
     let machine = machine_info();
@@ -179,29 +173,15 @@ fn run(args: Args) -> Result<bool> {
         args.concurrency,
         args.duration_secs
     );
-    println!(
-        "machine: {} CPUs ({}), load average {}; bench build: {}; server: {}",
-        machine["nproc"],
-        machine["cpu"].as_str().unwrap_or("?"),
-        machine["loadavg_start"].as_str().unwrap_or("?"),
-        bench_profile(),
-        skyhold.display()
-    );
-    let mut tmp = tempfile::Builder::new();
-    tmp.prefix("skyhold-bench-db-");
-    let dir = tmp.tempdir_in(args.tmp_dir.as_deref().unwrap_or(fast_tmp())).context("create a temporary directory")?;
+    print_machine(&machine, &skyhold);
+    let dir = args.out.temp_dir_or("skyhold-bench-db-", fast_tmp())?;
     // Galera nodes run as the mysql user: it must reach their directories.
     let _ = Command::new("chmod").arg("755").arg(dir.path()).status();
     println!("working directory: {}", dir.path().display());
     let bench = Bench { args: &args, bin: &skyhold, dir: dir.path(), rt: &rt };
 
     let mut ok = true;
-    let mut out = json!({
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "machine": machine,
-        "bench_profile": bench_profile(),
-        "skyhold": skyhold.display().to_string(),
-    });
+    let mut out = report_head(machine, &skyhold);
     // One Galera cluster serves the failover rounds and the throughput part (a database each).
     let mut galera: Option<Galera> = None;
     if !args.skip_galera && !skyhold_bench::stopped() {
@@ -263,13 +243,8 @@ fn run(args: Args) -> Result<bool> {
     }
     drop(galera);
 
-    if let Some(path) = &args.json_out {
-        out["machine"]["loadavg_end"] = json!(loadavg());
-        std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")
-            .with_context(|| format!("write {}", path.display()))?;
-        println!("\nJSON written to {}", path.display());
-    }
-    if args.keep {
+    args.out.write_json(|| out)?;
+    if args.out.keep {
         println!("kept (--keep): {}", dir.keep().display());
     } else if let Err(e) = dir.close() {
         eprintln!("could not remove the temporary directory: {e}");
@@ -281,22 +256,6 @@ fn run(args: Args) -> Result<bool> {
 // Skyhold processes
 // ------------------------------------------------------------------------------------------
 
-/// How a node finds its database.
-#[derive(Debug, Clone)]
-enum DbArgs {
-    Url(String),
-    Properties(PathBuf),
-}
-
-impl DbArgs {
-    fn args(&self) -> Vec<String> {
-        match self {
-            DbArgs::Url(u) => vec!["--db".into(), u.clone()],
-            DbArgs::Properties(p) => vec!["--db-properties".into(), p.display().to_string()],
-        }
-    }
-}
-
 /// A CloudStack db.properties for `hosts` (first = `db.cloud.host`), Skyhold defaults otherwise.
 fn write_properties(path: &Path, topology: &str, host: &str, slaves: &str, db_name: &str) -> Result<()> {
     let mut text = format!(
@@ -307,128 +266,6 @@ fn write_properties(path: &Path, topology: &str, host: &str, slaves: &str, db_na
         text.push_str(&format!("db.cloud.slaves={slaves}\n"));
     }
     std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
-}
-
-/// `skyhold db init --seed`: the admin's API keys and the agents' join token.
-fn db_init(bin: &Path, dir: &Path, db: &DbArgs) -> Result<(Creds, String)> {
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let out = Command::new(bin)
-        .args(["db", "init", "--seed", "--admin-password", "password", "--data-dir"])
-        .arg(dir)
-        .args(db.args())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {}", bin.display()))?;
-    if !out.status.success() {
-        bail!("skyhold db init failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).context("skyhold db init did not print JSON")?;
-    let field = |k: &str| -> Result<String> {
-        v["admin"][k].as_str().map(str::to_string).with_context(|| format!("no admin.{k} in the output of db init"))
-    };
-    let admin = Creds { api_key: field("apikey")?, secret: field("secretkey")? };
-    let token = v["agent_token"].as_str().context("no agent_token in the output of db init")?.to_string();
-    Ok((admin, token))
-}
-
-/// A running `skyhold server`; dropping it stops it (SIGTERM, SIGKILL after 15 s).
-struct Ms {
-    child: Option<Child>,
-    api_port: u16,
-    agent_port: u16,
-    log: PathBuf,
-}
-
-impl Ms {
-    /// Start a server on free ports and wait until `/ready` answers 200.
-    fn start(bin: &Path, dir: &Path, db: &DbArgs) -> Result<Ms> {
-        let ports = dir.join("ms1.ports");
-        let log = dir.join("ms1.log");
-        let _ = std::fs::remove_file(&ports);
-        let f = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut cmd = Command::new(bin);
-        cmd.args(["server", "--bind", "127.0.0.1", "--ms-id", "ms1"])
-            .args(["--api-port", "0", "--agent-port", "0", "--cluster-port", "0"])
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--ports-file")
-            .arg(&ports)
-            .args(db.args())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()))
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f);
-        let child = die_with_parent(&mut cmd).spawn().with_context(|| format!("start {} server", bin.display()))?;
-        let mut ms = Ms { child: Some(child), api_port: 0, agent_port: 0, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let v: Value = loop {
-            if let Some(v) = std::fs::read_to_string(&ports).ok().and_then(|t| serde_json::from_str(&t).ok()) {
-                break v;
-            }
-            ms.check(deadline)?;
-        };
-        ms.api_port = v["api"].as_u64().context("no api port in the ports file")? as u16;
-        ms.agent_port = v["agent"].as_u64().context("no agent port in the ports file")? as u16;
-        let ready = format!("http://127.0.0.1:{}/ready", ms.api_port);
-        loop {
-            if let Ok(r) = ureq::get(&ready).timeout(Duration::from_secs(5)).call()
-                && r.status() == 200
-            {
-                return Ok(ms);
-            }
-            ms.check(deadline)?;
-        }
-    }
-
-    fn check(&mut self, deadline: Instant) -> Result<()> {
-        if let Some(c) = self.child.as_mut()
-            && let Ok(Some(st)) = c.try_wait()
-        {
-            self.child = None;
-            bail!("the server exited early ({st})\n{}", tail(&self.log, 30));
-        }
-        if Instant::now() > deadline || skyhold_bench::stopped() {
-            bail!("the server was not ready within 60 s\n{}", tail(&self.log, 30));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        Ok(())
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}/client/api", self.api_port)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).unwrap_or(0)
-    }
-}
-
-impl Drop for Ms {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        let _ =
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-/// The last `n` lines of a log file.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    format!("---- last lines of {} ----\n{}", path.display(), lines[lines.len().saturating_sub(n)..].join("\n"))
 }
 
 /// Zone, template and offering for `deployVirtualMachine`.
@@ -550,17 +387,25 @@ impl Drop for Agents {
 struct Stack {
     /// Dropped first: the agents stop before their server.
     _agents: Agents,
-    ms: Ms,
+    ms: Server,
     api: Api,
     ids: DeployIds,
 }
 
 impl Stack {
-    /// Start a server on an initialised database (`db_init`) and `agents` agents of `hosts`
-    /// hosts each; wait until every host is Up.
-    fn start(bin: &Path, dir: &Path, db: &DbArgs, init: (Creds, String), agents: usize, hosts: u32) -> Result<Stack> {
-        let (admin, token) = init;
-        let ms = Ms::start(bin, dir, db)?;
+    /// Start a server on an initialised database (`server::db_init`) and `agents` agents of
+    /// `hosts` hosts each; wait until every host is Up.
+    fn start(bin: &Path, dir: &Path, db: &DbSource, init: Init, agents: usize, hosts: u32) -> Result<Stack> {
+        let Init { admin, agent_token: token } = init;
+        // Stopped within 15 s of SIGTERM: after a failover round its database may be gone.
+        let opts = ServerOpts {
+            name: "ms1".into(),
+            ms_id: Some("ms1".into()),
+            die_with_parent: true,
+            stop_grace: Duration::from_secs(15),
+            ..ServerOpts::default()
+        };
+        let ms = Server::start(bin, dir, db, &opts)?;
         let api = Api { base: ms.base(), admin };
         let mut kids = Agents(Vec::new());
         for i in 0..agents {
@@ -914,8 +759,8 @@ impl Bench<'_> {
                 "cloud",
             )?,
         }
-        let db = DbArgs::Properties(props.clone());
-        let init = db_init(self.bin, &dir, &db)?;
+        let db = DbSource::Properties(props.clone());
+        let init = server::db_init(self.bin, &dir, &db)?;
         let stack = Stack::start(self.bin, &dir, &db, init, 1, a.hosts)?;
         println!("server on API port {} ({}), 1 agent with {} hosts", stack.ms.api_port, props.display(), a.hosts);
         let writers = Writers::start(
@@ -946,7 +791,7 @@ impl Bench<'_> {
                 }
                 Err(e) => {
                     writers.pause(Duration::from_secs(60));
-                    eprintln!("{}", tail(&stack.ms.log, 30));
+                    eprintln!("{}", stack.ms.log_tail(30));
                     return Err(e.context(format!("round {n}")));
                 }
             }
@@ -967,7 +812,7 @@ impl Bench<'_> {
         while !w.success_after(warm) {
             if Instant::now() > end || skyhold_bench::stopped() {
                 w.pause(Duration::from_secs(60));
-                bail!("no write succeeded within 60 s before the kill\n{}", tail(&stack.ms.log, 20));
+                bail!("no write succeeded within 60 s before the kill\n{}", stack.ms.log_tail(20));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -1320,21 +1165,21 @@ impl Bench<'_> {
         std::fs::create_dir_all(&dir)?;
         // Where the database is, for the server and for the bench's own connection.
         let mut single: Option<Mdb> = None;
-        let mut external: Option<(String, String)> = None;
+        let mut external: Option<BenchDb> = None;
         // The database processes, for their CPU time (none for SQLite, in the server's process,
         // nor for an external server).
         let mut db_pids: Vec<u32> = Vec::new();
         let (db_args, url) = match b {
             Backend::Sqlite => {
                 let url = format!("sqlite://{}", dir.join("skyhold.db").display());
-                (DbArgs::Url(url.clone()), url)
+                (DbSource::Url(url.clone()), url)
             }
             Backend::Mariadb => match &self.args.mysql_url {
                 Some(server) => {
-                    let server = server.trim_end_matches('/').to_string();
-                    let (url, name) = new_mysql_database(&server, "skyhold_bench_");
-                    external = Some((server, name));
-                    (DbArgs::Url(url.clone()), url)
+                    let db = BenchDb::mysql(server, "skyhold_bench_");
+                    let url = db.url.clone();
+                    external = Some(db);
+                    (DbSource::Url(url.clone()), url)
                 }
                 None => {
                     let m = skyhold_testkit::start_mdb(&self.dir.join("single"), "m1", 1, false)?;
@@ -1348,7 +1193,7 @@ impl Bench<'_> {
                     let url = format!("mysql://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{}/skyhold_tput", m.port);
                     db_pids.extend(m.pid());
                     single = Some(m);
-                    (DbArgs::Url(url.clone()), url)
+                    (DbSource::Url(url.clone()), url)
                 }
             },
             Backend::Galera => {
@@ -1358,14 +1203,15 @@ impl Bench<'_> {
                 // Raw commits on the node the server writes to (the first Synced one).
                 let url = format!("mysql://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{}/skyhold_tput", g.nodes[0].port);
                 db_pids.extend(g.nodes.iter().filter_map(|n| n.pid()));
-                (DbArgs::Properties(props), url)
+                (DbSource::Properties(props), url)
             }
         };
         println!("database: {}", skyhold_db::redact_url(&url));
         let res = self.throughput_on(b, &dir, &db_args, &url, &db_pids);
-        if let Some((server, name)) = external
-            && !self.args.keep
-            && let Err(e) = self.rt.block_on(drop_mysql_database(&server, &name))
+        if let Some(db) = &external
+            && let Some(name) = db.mysql_name()
+            && !self.args.out.keep
+            && let Err(e) = self.rt.block_on(db.drop_database())
         {
             eprintln!("could not drop database {name}: {e:#}");
         }
@@ -1373,10 +1219,10 @@ impl Bench<'_> {
         res
     }
 
-    fn throughput_on(&self, b: Backend, dir: &Path, db_args: &DbArgs, url: &str, db_pids: &[u32]) -> Result<Tput> {
+    fn throughput_on(&self, b: Backend, dir: &Path, db_args: &DbSource, url: &str, db_pids: &[u32]) -> Result<Tput> {
         let a = self.args;
         // db init creates the database; the raw measurement runs before the server starts.
-        let init = db_init(self.bin, dir, db_args)?;
+        let init = server::db_init(self.bin, dir, db_args)?;
         let db = self
             .rt
             .block_on(Db::connect(&DbConfig {
@@ -1477,7 +1323,7 @@ impl Bench<'_> {
         while Instant::now() < start {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let server_pids = [stack.ms.pid()];
+        let server_pids = [stack.ms.pid];
         let agent_pids: Vec<u32> = stack._agents.0.iter().map(Child::id).collect();
         let cpu0 = [cpu_ticks(&server_pids), cpu_ticks(&agent_pids), cpu_ticks(db_pids)];
         let status0 = self.rt.block_on(mysql_status(db));

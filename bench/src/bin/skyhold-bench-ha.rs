@@ -27,11 +27,12 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
-use skyhold_bench::backend::{Backend, BackendArg};
-use skyhold_bench::server::{self, Server, ServerOpts};
+use skyhold_bench::backend::Backend;
+use skyhold_bench::cli::{BackendArgs, OutputArgs, SkyholdArgs};
+use skyhold_bench::server::{self, DbSource, Server, ServerOpts};
 use skyhold_bench::sign::{self, Creds};
 use skyhold_bench::stats::Summary;
-use skyhold_bench::util::{bench_profile, database_version, drop_mysql_database, loadavg, machine_info};
+use skyhold_bench::util::{database_version, log_tail, machine_info, print_machine, report_head, terminate};
 use skyhold_db::{Db, DbConfig, Sql};
 use skyhold_testkit::{Bmc, have_ipmi};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -73,19 +74,17 @@ impl FencePath {
 #[derive(Parser, Debug)]
 #[command(
     name = "skyhold-bench-ha",
-    about = "Time from a host's death to all its HA VMs Running elsewhere (storage-lease and IPMI fencing)"
+    about = "Time from a host's death to all its HA VMs Running elsewhere (storage-lease and IPMI fencing)",
+    mut_arg("mysql_url", |a| a.help(
+        "MariaDB/MySQL server URL without a database (mysql://USER:PASS@HOST:PORT); the bench creates a \
+         database per run there and drops it afterwards"
+    ))
 )]
 struct Args {
-    /// The skyhold binary to benchmark.
-    #[arg(long, default_value = "target/release/skyhold")]
-    skyhold: PathBuf,
-    /// Which database(s) to run on.
-    #[arg(long, value_enum, default_value_t = BackendArg::Sqlite)]
-    backend: BackendArg,
-    /// MariaDB/MySQL server URL without a database (mysql://USER:PASS@HOST:PORT); the bench
-    /// creates a database per run there and drops it afterwards.
-    #[arg(long, env = "SKYHOLD_BENCH_MYSQL_URL")]
-    mysql_url: Option<String>,
+    #[command(flatten)]
+    bin: SkyholdArgs,
+    #[command(flatten)]
+    db: BackendArgs,
     /// Numbers of HA VMs on the victim host.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     vms: Vec<usize>,
@@ -107,15 +106,8 @@ struct Args {
     /// Give up a run this long after the kill.
     #[arg(long, default_value_t = 900)]
     timeout_secs: u64,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    json_out: Option<PathBuf>,
-    /// Parent directory of the temporary data directory (SQLite files, logs, ledgers).
-    #[arg(long)]
-    tmp_dir: Option<PathBuf>,
-    /// Keep the data directory and the MariaDB databases afterwards.
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 fn main() -> std::process::ExitCode {
@@ -135,17 +127,8 @@ fn run(args: Args) -> Result<bool> {
     if args.vms.is_empty() || args.vms.contains(&0) || args.runs == 0 || args.others == 0 {
         bail!("--vms must list positive numbers; --runs and --others must be at least 1");
     }
-    let backends = args.backend.expand();
-    if backends.contains(&Backend::MySql) && args.mysql_url.is_none() {
-        bail!("--backend mariadb/both needs --mysql-url mysql://USER:PASS@HOST:PORT (or SKYHOLD_BENCH_MYSQL_URL)");
-    }
-    if !args.skyhold.is_file() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p skyhold) or pass --skyhold PATH",
-            args.skyhold.display()
-        );
-    }
-    let skyhold = std::fs::canonicalize(&args.skyhold)?;
+    let backends = args.db.backends()?;
+    let skyhold = args.bin.binary()?;
     let mut paths = args.paths.clone();
     paths.sort();
     paths.dedup();
@@ -169,21 +152,8 @@ fn run(args: Args) -> Result<bool> {
         paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
         args.others
     );
-    println!(
-        "machine: {} CPUs ({}), load average {}; bench build: {}; server: {}",
-        machine["nproc"],
-        machine["cpu"].as_str().unwrap_or("?"),
-        machine["loadavg_start"].as_str().unwrap_or("?"),
-        bench_profile(),
-        skyhold.display()
-    );
-    let mut tmp = tempfile::Builder::new();
-    tmp.prefix("skyhold-bench-ha-");
-    let dir = match &args.tmp_dir {
-        Some(p) => tmp.tempdir_in(p),
-        None => tmp.tempdir(),
-    }
-    .context("create a temporary directory")?;
+    print_machine(&machine, &skyhold);
+    let dir = args.out.temp_dir("skyhold-bench-ha-")?;
 
     let mut results: Vec<RunResult> = Vec::new();
     let mut versions: BTreeMap<&'static str, String> = BTreeMap::new();
@@ -221,9 +191,7 @@ fn run(args: Args) -> Result<bool> {
     let ok = results.iter().all(|r| r.error.is_none() && r.ledger_problems.is_empty())
         && results.len() == backends.len() * args.vms.len() * args.runs * paths.len();
     print_table(&backends, &args.vms, &paths, &results);
-    if let Some(path) = &args.json_out {
-        let mut machine = machine;
-        machine["loadavg_end"] = json!(loadavg());
+    args.out.write_json(|| {
         let mut groups = Vec::new();
         for &b in &backends {
             for &n in &args.vms {
@@ -241,30 +209,23 @@ fn run(args: Args) -> Result<bool> {
                 }
             }
         }
-        let out = json!({
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
-            "machine": machine,
-            "bench_profile": bench_profile(),
-            "skyhold": skyhold.display().to_string(),
-            "database_versions": versions,
-            "config": {
-                "vms": args.vms,
-                "runs": args.runs,
-                "paths": paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
-                "skipped": skipped,
-                "others": args.others,
-                "deploy_concurrency": args.deploy_concurrency,
-                "poll_ms": args.poll_ms,
-                "timeout_secs": args.timeout_secs,
-            },
-            "groups": groups,
-            "runs": results.iter().map(RunResult::to_json).collect::<Vec<_>>(),
+        let mut out = report_head(machine, &skyhold);
+        out["database_versions"] = json!(versions);
+        out["config"] = json!({
+            "vms": args.vms,
+            "runs": args.runs,
+            "paths": paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            "skipped": skipped,
+            "others": args.others,
+            "deploy_concurrency": args.deploy_concurrency,
+            "poll_ms": args.poll_ms,
+            "timeout_secs": args.timeout_secs,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&out)?)
-            .with_context(|| format!("write {}", path.display()))?;
-        println!("\nresults written to {}", path.display());
-    }
-    if args.keep {
+        out["groups"] = json!(groups);
+        out["runs"] = results.iter().map(RunResult::to_json).collect();
+        out
+    })?;
+    if args.out.keep {
         let kept = dir.keep();
         println!("kept (--keep): {}", kept.display());
     }
@@ -459,20 +420,9 @@ impl Agent {
 
     /// SIGTERM by PID, SIGKILL after 10 s.
     fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(10));
         }
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -575,27 +525,14 @@ fn run_one(
     case: Case,
 ) -> Result<(String, RunResult)> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let (db_url, mysql) = match case.backend {
-        Backend::Sqlite => (format!("sqlite://{}", dir.join("skyhold.db").display()), None),
-        Backend::MySql => {
-            let server = args.mysql_url.as_deref().unwrap_or_default().trim_end_matches('/').to_string();
-            let (url, name) = skyhold_bench::util::new_mysql_database(&server, "skyhold_bench_ha_");
-            (url, Some((server, name)))
-        }
-    };
+    let db = args.db.database(case.backend, dir, "skyhold_bench_ha_")?;
     let mut rig = Rig::default();
-    let res = measure(rt, args, bin, &db_url, dir, case, &mut rig);
+    let res = measure(rt, args, bin, &db.url, dir, case, &mut rig);
     if res.is_err() {
         eprintln!("{}", log_tails(dir, &rig, 15));
     }
     drop(rig);
-    if let Some((server, name)) = mysql {
-        if args.keep {
-            println!("  kept (--keep): database {name}");
-        } else if let Err(e) = rt.block_on(drop_mysql_database(&server, &name)) {
-            eprintln!("could not drop database {name}: {e:#}");
-        }
-    }
+    db.drop_unless_kept(rt, args.out.keep);
     res
 }
 
@@ -610,15 +547,13 @@ fn measure(
     rig: &mut Rig,
 ) -> Result<(String, RunResult)> {
     let Case { backend, n, path, run } = case;
-    let init = server::db_init_full(bin, dir, db_url)?;
+    let source = DbSource::Url(db_url.to_string());
+    let init = server::db_init(bin, dir, &source)?;
     let db = rt
         .block_on(Db::connect(&DbConfig { url: db_url.to_string(), max_connections: 4, create: false }))
         .context("connect to the database")?;
     let version = rt.block_on(database_version(&db)).unwrap_or_else(|e| format!("unknown ({e})"));
-    let opts = ServerOpts { name: "server".into(), ..ServerOpts::default() };
-    rig.server = Some(Server::spawn(bin, dir, db_url, &opts)?);
-    let srv = rig.server.as_mut().expect("just set");
-    srv.wait_ready(Duration::from_secs(60))?;
+    let srv = rig.server.insert(Server::start(bin, dir, &source, &ServerOpts::default())?);
     let api = Api { base: srv.base(), admin: init.admin.clone(), retried_530: AtomicUsize::new(0) };
     let agent_addr = format!("127.0.0.1:{}", srv.agent_port);
 
@@ -1191,13 +1126,8 @@ fn log_tails(dir: &Path, rig: &Rig, n: usize) -> String {
     let mut out = String::new();
     let files = std::iter::once(dir.join("server.log")).chain(rig.agents.iter().map(|a| a.log.clone()));
     for p in files {
-        let text = std::fs::read_to_string(&p).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        out.push_str(&format!(
-            "---- last lines of {} ----\n{}\n",
-            p.display(),
-            lines[lines.len().saturating_sub(n)..].join("\n")
-        ));
+        out.push_str(&log_tail(&p, n));
+        out.push('\n');
     }
     out
 }

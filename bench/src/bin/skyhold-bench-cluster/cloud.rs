@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use skyhold_bench::server::{self, Server, ServerOpts};
+use skyhold_bench::server::{self, DbSource, Server, ServerOpts};
 use skyhold_bench::sign::{self, Creds};
 use skyhold_db::{Db, DbConfig, Sql};
 use std::collections::BTreeMap;
@@ -32,21 +32,9 @@ pub struct AgentProc {
 impl AgentProc {
     /// SIGTERM by PID, SIGKILL after 10 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Some(mut child) = self.child.take() {
+            skyhold_bench::util::terminate(&mut child, Duration::from_secs(10));
         }
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -67,7 +55,9 @@ pub struct DeployIds {
 pub struct Cloud {
     pub bin: PathBuf,
     pub dir: PathBuf,
-    pub db_url: String,
+    /// The servers' database.
+    pub source: DbSource,
+    /// The bench's own pool on it.
     pub db: Db,
     pub admin: Creds,
     pub agent_token: String,
@@ -78,15 +68,15 @@ pub struct Cloud {
 impl Cloud {
     /// `skyhold db init --seed` on `db_url` and a pool of `pool` connections for the bench's reads.
     pub fn init(rt: &tokio::runtime::Runtime, bin: &Path, dir: &Path, db_url: &str, pool: u32) -> Result<Cloud> {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        let init = server::db_init_full(bin, dir, db_url)?;
+        let source = DbSource::Url(db_url.to_string());
+        let init = server::db_init(bin, dir, &source)?;
         let db = rt
             .block_on(Db::connect(&DbConfig { url: db_url.to_string(), max_connections: pool, create: false }))
             .context("connect to the database")?;
         Ok(Cloud {
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
-            db_url: db_url.to_string(),
+            source,
             db,
             admin: init.admin,
             agent_token: init.agent_token,
@@ -104,8 +94,14 @@ impl Cloud {
         } else {
             [0; 3]
         };
-        let opts =
-            ServerOpts { name: ms_id.to_string(), ms_id: Some(ms_id.to_string()), ports, rust_log, append_log: true };
+        let opts = ServerOpts {
+            name: ms_id.to_string(),
+            ms_id: Some(ms_id.to_string()),
+            ports,
+            rust_log,
+            append_log: true,
+            ..ServerOpts::default()
+        };
         self.nodes.push(Node { ms_id: ms_id.to_string(), opts, srv: None });
         Ok(self.nodes.len() - 1)
     }
@@ -117,7 +113,7 @@ impl Cloud {
             if n.srv.is_some() {
                 bail!("server {} is already running", n.ms_id);
             }
-            n.srv = Some(Server::spawn(&self.bin, &self.dir, &self.db_url, &n.opts)?);
+            n.srv = Some(Server::spawn(&self.bin, &self.dir, &self.source, &n.opts)?);
         }
         for &i in which {
             let n = &mut self.nodes[i];
@@ -286,13 +282,8 @@ impl Cloud {
             .map(|n| self.dir.join(format!("{}.log", n.opts.name)))
             .chain(self.agents.iter().map(|a| a.log.clone()))
         {
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!(
-                "---- last lines of {} ----\n{}\n",
-                p.display(),
-                lines[lines.len().saturating_sub(n)..].join("\n")
-            ));
+            out.push_str(&skyhold_bench::util::log_tail(&p, n));
+            out.push('\n');
         }
         out
     }

@@ -12,32 +12,28 @@ mod cloud;
 mod failover;
 mod idle;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
 use cloud::Cloud;
 use serde_json::{Value, json};
-use skyhold_bench::backend::{Backend, BackendArg};
+use skyhold_bench::backend::Backend;
+use skyhold_bench::cli::{BackendArgs, OutputArgs, SkyholdArgs};
 use skyhold_bench::stats::Summary;
-use skyhold_bench::util::{bench_profile, database_version, drop_mysql_database, loadavg, machine_info};
-use std::path::{Path, PathBuf};
+use skyhold_bench::util::{database_version, machine_info, print_machine, report_head};
+use std::path::Path;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "skyhold-bench-cluster",
-    about = "Management-server failover (kill -9 under load) and membership load of a Skyhold cluster"
+    about = "Management-server failover (kill -9 under load) and membership load of a Skyhold cluster",
+    mut_arg("backend", |a| a.default_value("mariadb"))
 )]
 struct Args {
-    /// The skyhold binary to benchmark.
-    #[arg(long, default_value = "target/release/skyhold")]
-    skyhold: PathBuf,
-    /// Which database(s) to run on.
-    #[arg(long, value_enum, default_value_t = BackendArg::Mariadb)]
-    backend: BackendArg,
-    /// MariaDB/MySQL server URL without a database (mysql://USER:PASS@HOST:PORT); the bench
-    /// creates databases of its own there and drops them at the end.
-    #[arg(long, env = "SKYHOLD_BENCH_MYSQL_URL")]
-    mysql_url: Option<String>,
+    #[command(flatten)]
+    bin: SkyholdArgs,
+    #[command(flatten)]
+    db: BackendArgs,
     /// Failover rounds (kills).
     #[arg(long, default_value_t = 20)]
     rounds: usize,
@@ -80,15 +76,8 @@ struct Args {
     /// Skip the membership load.
     #[arg(long)]
     skip_load: bool,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    json_out: Option<PathBuf>,
-    /// Parent directory of the temporary data directory (SQLite files, logs, ledgers).
-    #[arg(long)]
-    tmp_dir: Option<PathBuf>,
-    /// Keep the data directory and the MariaDB databases afterwards.
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    out: OutputArgs,
 }
 
 struct BackendReport {
@@ -107,17 +96,8 @@ fn run(args: Args) -> Result<bool> {
     if args.servers < 2 || args.agents == 0 || args.jobs == 0 || args.load_secs == 0 {
         bail!("--servers must be at least 2; --agents, --jobs and --load-secs at least 1");
     }
-    let backends = args.backend.expand();
-    if backends.contains(&Backend::MySql) && args.mysql_url.is_none() {
-        bail!("--backend mysql/both needs --mysql-url mysql://USER:PASS@HOST:PORT (or SKYHOLD_BENCH_MYSQL_URL)");
-    }
-    if !args.skyhold.is_file() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p skyhold) or pass --skyhold PATH",
-            args.skyhold.display()
-        );
-    }
-    let skyhold = std::fs::canonicalize(&args.skyhold)?;
+    let backends = args.db.backends()?;
+    let skyhold = args.bin.binary()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     skyhold_bench::util::stop_on_ctrl_c(&rt);
     let machine = machine_info();
@@ -126,22 +106,8 @@ fn run(args: Args) -> Result<bool> {
          membership load at {:?} servers",
         args.rounds, args.servers, args.agents, args.jobs, args.command_delay_ms, args.load_servers
     );
-    println!(
-        "machine: {} CPUs ({}), load average {}; bench build: {}; server: {}",
-        machine["nproc"],
-        machine["cpu"].as_str().unwrap_or("?"),
-        machine["loadavg_start"].as_str().unwrap_or("?"),
-        bench_profile(),
-        skyhold.display()
-    );
-
-    let mut tmp = tempfile::Builder::new();
-    tmp.prefix("skyhold-bench-cluster-");
-    let dir = match &args.tmp_dir {
-        Some(p) => tmp.tempdir_in(p),
-        None => tmp.tempdir(),
-    }
-    .context("create a temporary directory")?;
+    print_machine(&machine, &skyhold);
+    let dir = args.out.temp_dir("skyhold-bench-cluster-")?;
 
     let mut reports = Vec::new();
     let mut ok = true;
@@ -179,7 +145,7 @@ fn run(args: Args) -> Result<bool> {
                 warmup: Duration::from_secs(args.load_warmup_secs),
             };
             let server = match b {
-                Backend::MySql => args.mysql_url.clone(),
+                Backend::MySql => args.db.mysql_url.clone(),
                 Backend::Sqlite => None,
             };
             match part(&rt, &args, &skyhold, b, dir.path(), "idle", |rt, cloud| {
@@ -199,34 +165,25 @@ fn run(args: Args) -> Result<bool> {
         reports.push(rep);
     }
 
-    if let Some(path) = &args.json_out {
-        let mut machine = machine;
-        machine["loadavg_end"] = json!(loadavg());
-        let out = json!({
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
-            "machine": machine,
-            "bench_profile": bench_profile(),
-            "skyhold": skyhold.display().to_string(),
-            "config": {
-                "rounds": args.rounds,
-                "servers": args.servers,
-                "agents": args.agents,
-                "jobs": args.jobs,
-                "command_delay_ms": args.command_delay_ms,
-                "fill_timeout_secs": args.fill_timeout_secs,
-                "round_timeout_secs": args.round_timeout_secs,
-                "poll_ms": args.poll_ms,
-                "load_servers": args.load_servers,
-                "load_secs": args.load_secs,
-                "load_warmup_secs": args.load_warmup_secs,
-            },
-            "backends": reports.iter().map(report_json).collect::<Vec<_>>(),
+    args.out.write_json(|| {
+        let mut out = report_head(machine, &skyhold);
+        out["config"] = json!({
+            "rounds": args.rounds,
+            "servers": args.servers,
+            "agents": args.agents,
+            "jobs": args.jobs,
+            "command_delay_ms": args.command_delay_ms,
+            "fill_timeout_secs": args.fill_timeout_secs,
+            "round_timeout_secs": args.round_timeout_secs,
+            "poll_ms": args.poll_ms,
+            "load_servers": args.load_servers,
+            "load_secs": args.load_secs,
+            "load_warmup_secs": args.load_warmup_secs,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")
-            .with_context(|| format!("write {}", path.display()))?;
-        println!("\nJSON written to {}", path.display());
-    }
-    if args.keep {
+        out["backends"] = reports.iter().map(report_json).collect();
+        out
+    })?;
+    if args.out.keep {
         println!("kept (--keep): data directory {}", dir.keep().display());
     } else if let Err(e) = dir.close() {
         eprintln!("could not remove the temporary directory: {e}");
@@ -261,17 +218,10 @@ fn part<T>(
 ) -> Result<(String, T)> {
     let dir = parent.join(format!("{}-{what}", b.name()));
     std::fs::create_dir_all(&dir)?;
-    let (db_url, mysql) = match b {
-        Backend::Sqlite => (format!("sqlite://{}", dir.join("skyhold.db").display()), None),
-        Backend::MySql => {
-            let server = args.mysql_url.as_deref().unwrap_or_default().trim_end_matches('/').to_string();
-            let (url, name) = skyhold_bench::util::new_mysql_database(&server, "skyhold_bench_");
-            (url, Some((server, name)))
-        }
-    };
-    println!("  database: {}; files in {}", skyhold_db::redact_url(&db_url), dir.display());
+    let db = args.db.database(b, &dir, "skyhold_bench_")?;
+    println!("  database: {}; files in {}", skyhold_db::redact_url(&db.url), dir.display());
     let res = (|| {
-        let mut cloud = Cloud::init(rt, skyhold, &dir, &db_url, 8)?;
+        let mut cloud = Cloud::init(rt, skyhold, &dir, &db.url, 8)?;
         let version = rt.block_on(database_version(&cloud.db)).unwrap_or_else(|e| format!("unknown ({e})"));
         let r = f(rt, &mut cloud);
         if r.is_err() {
@@ -280,13 +230,7 @@ fn part<T>(
         cloud.shutdown(rt);
         Ok((version, r?))
     })();
-    if let Some((server, name)) = mysql {
-        if args.keep {
-            println!("  kept (--keep): database {name}");
-        } else if let Err(e) = rt.block_on(drop_mysql_database(&server, &name)) {
-            eprintln!("could not drop database {name}: {e:#}");
-        }
-    }
+    db.drop_unless_kept(rt, args.out.keep);
     res
 }
 
