@@ -530,8 +530,7 @@ fn create_zone_pod_cluster(b: Backend) {
     let zone = |extra: &[(&str, &str)]| {
         let mut p =
             vec![("name", "Zone9"), ("networktype", "Basic"), ("dns1", "8.8.8.8"), ("internaldns1", "10.9.0.1")];
-        p.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
-        p.extend(extra.iter().filter(|(_, v)| !v.is_empty()));
+        overridden(&mut p, extra);
         c.api("createZone", &p)
     };
     let (st, v) = zone(&[("name", "")]);
@@ -562,8 +561,7 @@ fn create_zone_pod_cluster(b: Backend) {
             ("startip", "10.2.0.100"),
             ("endip", "10.2.0.110"),
         ];
-        p.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
-        p.extend(extra.iter().filter(|(_, v)| !v.is_empty()));
+        overridden(&mut p, extra);
         c.api("createPod", &p)
     };
     let (st, v) = pod(&[("netmask", "")]);
@@ -598,8 +596,7 @@ fn create_zone_pod_cluster(b: Backend) {
             ("podid", p2.as_str()),
             ("zoneid", z2.as_str()),
         ];
-        p.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
-        p.extend(extra.iter().filter(|(_, v)| !v.is_empty()));
+        overridden(&mut p, extra);
         c.api("addCluster", &p)
     };
     let (st, v) = cluster(&[("clustername", "")]);
@@ -1056,4 +1053,10 @@ fn health_and_readiness() {
     c.servers[0].0.term();
     let st = c.servers[0].0.wait_exit(std::time::Duration::from_secs(30)).expect("server exits on SIGTERM");
     assert!(st.success(), "{st}");
+}
+
+/// Replace the parameters of `p` named in `extra` by theirs; an empty value removes the parameter.
+fn overridden<'a>(p: &mut Vec<(&'a str, &'a str)>, extra: &[(&'a str, &'a str)]) {
+    p.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+    p.extend(extra.iter().filter(|(_, v)| !v.is_empty()));
 }
