@@ -126,8 +126,8 @@ fn backend() -> Backend {
     if std::env::var_os("SKYHOLD_TEST_MYSQL_URL").is_some() { Backend::MySql } else { Backend::Sqlite }
 }
 
-/// A host and everything on it dies (agent SIGKILLed, no BMC): its HA VMs run again on the other
-/// hosts of the cluster, on the `ha.tag` host; its other VMs stay Stopped; an HA VM that no host
+/// A host and everything on it dies (agent SIGKILLed, no BMC; the host was Disabled, which does
+/// not matter to HA): its HA VMs run again on the other hosts of the cluster, on the `ha.tag` host; its other VMs stay Stopped; an HA VM that no host
 /// will start is given up after `max.retries`; the ledger never shows a VM on two hosts.
 #[test]
 fn dead_host_ha_vms_restart_elsewhere() {
@@ -154,6 +154,9 @@ fn dead_host_ha_vms_restart_elsewhere() {
     let plain = ha.deploy_on("plain", "Small Instance", &ha_a);
     let doomed = ha.deploy_on("doomed", "HA Instance", &ha_a);
     assert_eq!(ha.c.vm(&ha_vms[0])["haenable"], true);
+    // A Disabled host takes no new VMs, but the ones it runs are still protected by HA.
+    ha.c.ok("updateHost", &[("id", &ha_a), ("allocationstate", "Disable")]);
+    assert_eq!(ha.host("a")["resourcestate"], "Disabled");
 
     let t0 = Instant::now();
     ha.kill_host(a);

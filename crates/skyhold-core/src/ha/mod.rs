@@ -4,8 +4,8 @@
 //! `ha-coordinator`, lease 5 s, renewed every second; a dead holder's lock is freed when it is
 //! declared Down, so a survivor carries on within seconds). Every second it:
 //!
-//! 1. marks hosts whose agent has been disconnected longer than the ping timeout
-//!    (`ping.interval` x `ping.timeout`) **Suspect** (status Alert). A host whose management server
+//! 1. marks hosts (of any resource state but Maintenance) whose agent has been disconnected
+//!    longer than the ping timeout (`ping.interval` x `ping.timeout`) **Suspect** (status Alert). A host whose management server
 //!    died is Disconnected from the takeover on and gets the same grace to reconnect elsewhere;
 //! 2. **investigates** suspects: up to three Up hosts of the same cluster run `CheckHost` (can
 //!    they reach it; what does its storage heartbeat counter say), and [`decide::decide`] turns
@@ -127,7 +127,10 @@ async fn tick(core: &Core, st: &mut State) -> Result<bool, CoreError> {
     let grace = ping_timeout_ms(core);
     let mut suspects = Vec::new();
     for h in &hosts {
-        if h.resource_state != "Enabled" {
+        // Every host but one in Maintenance (emptied by migrations, and often powered off on
+        // purpose): a Disabled host takes no new VMs but its running ones are still protected, and
+        // a host dying during PrepareForMaintenance or in ErrorInMaintenance still has VMs.
+        if h.resource_state == "Maintenance" {
             continue;
         }
         match (h.status.as_str(), h.ha_state.as_str()) {
@@ -189,7 +192,9 @@ async fn tick(core: &Core, st: &mut State) -> Result<bool, CoreError> {
 async fn investigate(core: &Core, hosts: &[Host], h: &Host) -> Vec<(String, Option<Answer>)> {
     let neighbours: Vec<&Host> = hosts
         .iter()
-        .filter(|n| n.id != h.id && n.cluster_id == h.cluster_id && n.status == "Up" && n.resource_state == "Enabled")
+        .filter(|n| {
+            n.id != h.id && n.cluster_id == h.cluster_id && n.status == "Up" && n.resource_state != "Maintenance"
+        })
         .take(3)
         .collect();
     let check_addr = (!h.check_addr.is_empty()).then(|| h.check_addr.clone());
