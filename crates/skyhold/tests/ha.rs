@@ -794,3 +794,41 @@ fn ha_restarts_never_cross_zones() {
             .collect();
     assert!(w_starts.is_empty(), "the other zone's host never saw them: {w_starts:?}");
 }
+
+/// A host dies while a migration of its HA VM is in flight: the fence (the lease, about 20 s)
+/// comes while the VM is Migrating, so the fence leaves it to its job; the migration gives up on
+/// its dead source later (`wait`, 30 s) and puts the VM back there as Running. The coordinator
+/// then treats it as dead with its fenced host and restarts it elsewhere, exactly once.
+#[test]
+fn migration_in_flight_when_the_source_dies() {
+    let Some(mut ha) = Ha::start(backend()) else { return };
+    ha.c.allow_error_logs = true;
+    let a = ha.agent("a", None, &[]);
+    ha.agent("b", None, &[]);
+    ha.wait_up(&["a", "b"]);
+    let host_a = ha.host_id("a");
+    let vm = ha.deploy_on("mover", "HA Instance", &host_a);
+    ha.kill_host(a);
+    let r = ha.c.ok("migrateVirtualMachine", &[("virtualmachineid", &vm)]);
+    let job = r["jobid"].as_str().unwrap().to_string();
+    let fenced = ha.wait_event("HOST.HA.FENCED", Duration::from_secs(40));
+    let text = fenced["description"].as_str().unwrap_or("");
+    assert!(text.contains("0 HA VM(s) queued"), "the migrating VM is left to its job at the fence: {text}");
+    let j = ha.c.wait_job(&job);
+    assert_eq!(j["jobstatus"], 2, "the migration failed: {j}");
+    let back = wait_for(Duration::from_secs(60), || {
+        let v = ha.c.vm(&vm);
+        (v["state"] == "Running" && v["hostid"] != host_a.as_str()).then_some(v)
+    });
+    assert!(back.is_some(), "the VM runs elsewhere: {}", ha.c.vm(&vm));
+    // The coordinator records the restart when it sees the job done.
+    let restarts = wait_for(Duration::from_secs(10), || {
+        let e = ha.events("VM.HA.RESTART");
+        (!e.is_empty()).then_some(e)
+    });
+    assert_eq!(restarts.map(|e| e.len()), Some(1), "one VM.HA.RESTART");
+    let st = ha.ha_status();
+    assert_eq!(st["work_by_state"]["Done"], 1, "{st}");
+    let running = ha.check_ledger();
+    assert_eq!(running.get(&vm).map(String::as_str), Some("b-h0"));
+}

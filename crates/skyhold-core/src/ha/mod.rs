@@ -170,6 +170,13 @@ async fn tick(core: &Core, st: &mut State) -> Result<bool, CoreError> {
             _ => {}
         }
     }
+    // VMs left Running on a fenced host by a job that was in flight at the fence (a migration
+    // giving up on its dead source puts the VM back there): the fence proves them dead too.
+    for h in hosts.iter().filter(|h| h.status == "Down" && h.ha_state == "Fenced") {
+        if let Err(e) = sweep_fenced(core, &owner, h).await {
+            tracing::warn!(host = %h.name, error = %e, "could not handle VMs left on a fenced host");
+        }
+    }
     // Investigate the suspects concurrently, each at most every 2 s.
     let due: Vec<Host> = suspects
         .into_iter()
@@ -519,6 +526,66 @@ async fn fence_host(core: &Core, owner: &EventOwner, h: &Host, proof: FenceProof
     })?;
     tracing::warn!(host = %h.name, proof = %proof_text, restart, stopped, "host fenced");
     core.wake_jobs();
+    Ok(())
+}
+
+/// Stop (in the database) the VMs still Running on a host that is Down and Fenced, and queue the
+/// HA ones for a restart, as [`fence_host`] does, once no job works on them. Nothing happens when
+/// the host is connected again (its reports reconcile its VMs).
+async fn sweep_fenced(core: &Core, owner: &EventOwner, h: &Host) -> Result<(), CoreError> {
+    let left = {
+        let mut c = core.db().conn().await?;
+        skyhold_db::vm::vm_running_ids_on_host(&mut c, &h.id).await?
+    };
+    if left.is_empty() {
+        return Ok(());
+    }
+    let offerings: HashMap<String, String> = {
+        let mut c = core.db().conn().await?;
+        skyhold_db::infra::offering_list(&mut c).await?.into_iter().map(|o| (o.id, o.storage_type)).collect()
+    };
+    let n = retry_tx!(core.db(), |tx| {
+        async {
+            let still = skyhold_db::infra::host_fetch(&mut tx, &h.id).await?;
+            if !still.is_some_and(|x| x.status == "Down" && x.ha_state == "Fenced") {
+                return Ok::<_, CoreError>(0usize);
+            }
+            let reason = format!("host {} was fenced while a job was working on the VM", h.name);
+            let mut n = 0;
+            for id in &left {
+                if skyhold_db::job::job_unfinished_for(&mut tx, id).await? {
+                    continue;
+                }
+                let Some(vm) = skyhold_db::vm::vm_fetch(&mut tx, id).await? else { continue };
+                if vm.host_id.as_deref() != Some(h.id.as_str())
+                    || !vm_transition(&mut tx, id, &["Running"], "Stopped", HostChange::Clear, Some(&reason)).await?
+                {
+                    continue;
+                }
+                n += 1;
+                let storage = offerings.get(&vm.offering_id).map(String::as_str).unwrap_or("shared");
+                if ha_eligible(core, vm.ha_enabled, storage) {
+                    queue_restart(&mut tx, core, &vm, h, "Restart", &reason).await?;
+                } else {
+                    crate::events::record(
+                        &mut tx,
+                        owner,
+                        "VM.STOP",
+                        "WARN",
+                        format!("VM {} stopped: {reason}; not HA-enabled, so it stays Stopped", vm.name),
+                        Some(("VirtualMachine", id)),
+                    )
+                    .await?;
+                }
+            }
+            Ok(n)
+        }
+        .await
+    })?;
+    if n > 0 {
+        tracing::warn!(host = %h.name, vms = n, "VMs left on a fenced host handled");
+        core.wake_jobs();
+    }
     Ok(())
 }
 
