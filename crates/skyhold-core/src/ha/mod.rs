@@ -497,21 +497,10 @@ async fn fence_host(core: &Core, owner: &EventOwner, h: &Host, proof: FenceProof
                 {
                     continue;
                 }
-                let storage = offerings.get(&vm.offering_id).map(String::as_str).unwrap_or("shared");
-                if ha_eligible(core, vm.ha_enabled, storage) {
+                if after_fence(&mut tx, core, owner, vm, h, &offerings, &reason).await? {
                     restart += 1;
-                    queue_restart(&mut tx, core, vm, h, "Restart", &reason).await?;
                 } else {
                     stopped += 1;
-                    crate::events::record(
-                        &mut tx,
-                        owner,
-                        "VM.STOP",
-                        "WARN",
-                        format!("VM {} stopped: {reason}; not HA-enabled, so it stays Stopped", vm.name),
-                        Some(("VirtualMachine", &vm.id)),
-                    )
-                    .await?;
                 }
             }
             let text = format!(
@@ -563,20 +552,7 @@ async fn sweep_fenced(core: &Core, owner: &EventOwner, h: &Host) -> Result<(), C
                     continue;
                 }
                 n += 1;
-                let storage = offerings.get(&vm.offering_id).map(String::as_str).unwrap_or("shared");
-                if ha_eligible(core, vm.ha_enabled, storage) {
-                    queue_restart(&mut tx, core, &vm, h, "Restart", &reason).await?;
-                } else {
-                    crate::events::record(
-                        &mut tx,
-                        owner,
-                        "VM.STOP",
-                        "WARN",
-                        format!("VM {} stopped: {reason}; not HA-enabled, so it stays Stopped", vm.name),
-                        Some(("VirtualMachine", id)),
-                    )
-                    .await?;
-                }
+                after_fence(&mut tx, core, owner, &vm, h, &offerings, &reason).await?;
             }
             Ok(n)
         }
@@ -587,6 +563,34 @@ async fn sweep_fenced(core: &Core, owner: &EventOwner, h: &Host) -> Result<(), C
         core.wake_jobs();
     }
     Ok(())
+}
+
+/// A VM of a fenced host, just moved to Stopped in the caller's transaction: queue its HA restart
+/// if it is eligible (true), else record that it stays Stopped (false).
+async fn after_fence(
+    tx: &mut skyhold_db::Tx,
+    core: &Core,
+    owner: &EventOwner,
+    vm: &skyhold_db::vm::Vm,
+    h: &Host,
+    storage_of: &HashMap<String, String>,
+    reason: &str,
+) -> Result<bool, CoreError> {
+    let storage = storage_of.get(&vm.offering_id).map(String::as_str).unwrap_or("shared");
+    if ha_eligible(core, vm.ha_enabled, storage) {
+        queue_restart(tx, core, vm, h, "Restart", reason).await?;
+        return Ok(true);
+    }
+    crate::events::record(
+        tx,
+        owner,
+        "VM.STOP",
+        "WARN",
+        format!("VM {} stopped: {reason}; not HA-enabled, so it stays Stopped", vm.name),
+        Some(("VirtualMachine", &vm.id)),
+    )
+    .await?;
+    Ok(false)
 }
 
 /// Queue an HA restart of `vm` (in the caller's transaction). Failures within
