@@ -2,6 +2,7 @@
 //! every server, drain through the API and through `skyhold cluster`, a rolling restart under
 //! load, agents rebalancing onto a joining server, and the multi-server demo surviving a kill.
 
+#[macro_use]
 mod common;
 use common::*;
 use serde_json::Value;
@@ -10,22 +11,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-/// Generate a SQLite and a MariaDB test from one body taking a `Backend`.
-macro_rules! both {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn sqlite() {
-                super::$name(super::Backend::Sqlite)
-            }
-            #[test]
-            fn mysql() {
-                super::$name(super::Backend::MySql)
-            }
-        }
-    };
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
