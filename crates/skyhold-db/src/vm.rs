@@ -365,6 +365,20 @@ pub async fn vm_running_ids_on_host(c: &mut dyn Sql, host_id: &str) -> Result<Ve
     rows.iter().map(|r| get_str(r, "id")).collect()
 }
 
+/// (VM id, host id) of the VMs the database has Running on hosts that are Down and Fenced (left
+/// there by a job in flight at the fence), in one query.
+pub async fn vm_running_on_fenced_hosts(c: &mut dyn Sql) -> Result<Vec<(String, String)>, DbError> {
+    let (conn, _) = c.parts();
+    let rows = sqlx::query(
+        "SELECT v.id, v.host_id FROM vm_instance v JOIN host h ON h.id = v.host_id \
+         WHERE v.state = 'Running' AND v.removed_ms IS NULL AND h.status = 'Down' AND h.ha_state = 'Fenced'",
+    )
+    .fetch_all(conn)
+    .await
+    .ctx("list VMs left on fenced hosts")?;
+    rows.iter().map(|r| Ok((get_str(r, "id")?, get_str(r, "host_id")?))).collect()
+}
+
 pub async fn vm_count(c: &mut dyn Sql) -> Result<i64, DbError> {
     let (conn, _) = c.parts();
     let r = sqlx::query("SELECT COUNT(*) AS n FROM vm_instance WHERE removed_ms IS NULL")

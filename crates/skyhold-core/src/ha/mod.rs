@@ -172,8 +172,13 @@ async fn tick(core: &Core, st: &mut State) -> Result<bool, CoreError> {
     }
     // VMs left Running on a fenced host by a job that was in flight at the fence (a migration
     // giving up on its dead source puts the VM back there): the fence proves them dead too.
-    for h in hosts.iter().filter(|h| h.status == "Down" && h.ha_state == "Fenced") {
-        if let Err(e) = sweep_fenced(core, &owner, h).await {
+    let left = {
+        let mut c = core.db().conn().await?;
+        skyhold_db::vm::vm_running_on_fenced_hosts(&mut c).await?
+    };
+    for h in hosts.iter().filter(|h| left.iter().any(|(_, hid)| hid == &h.id)) {
+        let vms: Vec<String> = left.iter().filter(|(_, hid)| hid == &h.id).map(|(v, _)| v.clone()).collect();
+        if let Err(e) = sweep_fenced(core, &owner, h, &vms).await {
             tracing::warn!(host = %h.name, error = %e, "could not handle VMs left on a fenced host");
         }
     }
@@ -521,14 +526,7 @@ async fn fence_host(core: &Core, owner: &EventOwner, h: &Host, proof: FenceProof
 /// Stop (in the database) the VMs still Running on a host that is Down and Fenced, and queue the
 /// HA ones for a restart, as [`fence_host`] does, once no job works on them. Nothing happens when
 /// the host is connected again (its reports reconcile its VMs).
-async fn sweep_fenced(core: &Core, owner: &EventOwner, h: &Host) -> Result<(), CoreError> {
-    let left = {
-        let mut c = core.db().conn().await?;
-        skyhold_db::vm::vm_running_ids_on_host(&mut c, &h.id).await?
-    };
-    if left.is_empty() {
-        return Ok(());
-    }
+async fn sweep_fenced(core: &Core, owner: &EventOwner, h: &Host, left: &[String]) -> Result<(), CoreError> {
     let offerings: HashMap<String, String> = {
         let mut c = core.db().conn().await?;
         skyhold_db::infra::offering_list(&mut c).await?.into_iter().map(|o| (o.id, o.storage_type)).collect()
@@ -541,7 +539,7 @@ async fn sweep_fenced(core: &Core, owner: &EventOwner, h: &Host) -> Result<(), C
             }
             let reason = format!("host {} was fenced while a job was working on the VM", h.name);
             let mut n = 0;
-            for id in &left {
+            for id in left {
                 if skyhold_db::job::job_unfinished_for(&mut tx, id).await? {
                     continue;
                 }
