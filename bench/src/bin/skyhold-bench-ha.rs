@@ -34,14 +34,14 @@ use skyhold_bench::sign::{self, Creds};
 use skyhold_bench::stats::Summary;
 use skyhold_bench::util::{database_version, log_tail, machine_info, print_machine, report_head, terminate};
 use skyhold_db::{Db, DbConfig, Sql};
+use skyhold_testkit::proxy::{Cut, TcpProxy};
 use skyhold_testkit::{Bmc, have_ipmi};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The seeded offering every VM uses: 1 vCPU, 1 GB, HA-enabled.
@@ -370,7 +370,8 @@ struct Rig {
     agents: Vec<Agent>,
     server: Option<Server>,
     bmc: Option<Bmc>,
-    proxy: Option<Proxy>,
+    /// The victim's management network on the IPMI path (cut to isolate it).
+    proxy: Option<TcpProxy>,
 }
 
 impl Drop for Rig {
@@ -572,7 +573,7 @@ fn measure(
     let victim_mgmt = match path {
         FencePath::Lease => agent_addr.clone(),
         FencePath::Ipmi => {
-            let p = Proxy::start(&agent_addr)?;
+            let p = TcpProxy::start(&agent_addr)?;
             let a = format!("127.0.0.1:{}", p.port);
             rig.proxy = Some(p);
             a
@@ -643,7 +644,7 @@ fn measure(
         FencePath::Ipmi => {
             std::fs::write(dir.join(format!("{VICTIM}-ctl")).join("isolate"), b"")?;
             std::fs::remove_file(dir.join(format!("{VICTIM}-mnt")))?;
-            rig.proxy.as_ref().expect("ipmi path has a proxy").cut();
+            rig.proxy.as_ref().expect("ipmi path has a proxy").cut(Cut::Refuse);
         }
     }
     // What the neighbours will read, and what the servers compare it with.
@@ -1037,85 +1038,6 @@ fn check_ledger(
         problems.push(format!("... {bad} VMs in all not started exactly once elsewhere"));
     }
     LedgerCheck { problems, final_host, restart_ts, victim_self_stops }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A TCP proxy the bench cuts (the victim's management network on the IPMI path)
-// ---------------------------------------------------------------------------------------------
-
-struct ProxyState {
-    cut: AtomicBool,
-    stop: AtomicBool,
-    live: Mutex<Vec<TcpStream>>,
-}
-
-struct Proxy {
-    port: u16,
-    st: Arc<ProxyState>,
-}
-
-impl Proxy {
-    fn start(upstream: &str) -> Result<Proxy> {
-        let l = TcpListener::bind("127.0.0.1:0").context("bind the proxy")?;
-        let port = l.local_addr()?.port();
-        let st =
-            Arc::new(ProxyState { cut: AtomicBool::new(false), stop: AtomicBool::new(false), live: Mutex::default() });
-        let st2 = st.clone();
-        let upstream = upstream.to_string();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                if st2.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(client) = s else { continue };
-                if st2.cut.load(Ordering::SeqCst) {
-                    drop(client); // refused: the link is down
-                    continue;
-                }
-                let Ok(up) = TcpStream::connect(&upstream) else { continue };
-                let _ = client.set_nodelay(true);
-                let _ = up.set_nodelay(true);
-                let (Ok(c2), Ok(u2)) = (client.try_clone(), up.try_clone()) else { continue };
-                {
-                    let mut live = st2.live.lock().expect("proxy");
-                    live.retain(|s| s.peer_addr().is_ok());
-                    for s in [&client, &up] {
-                        if let Ok(s) = s.try_clone() {
-                            live.push(s);
-                        }
-                    }
-                }
-                pump(c2, u2);
-                pump(up, client);
-            }
-        });
-        Ok(Proxy { port, st })
-    }
-
-    /// Sever every connection and refuse new ones.
-    fn cut(&self) {
-        self.st.cut.store(true, Ordering::SeqCst);
-        for s in self.st.live.lock().expect("proxy").drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.st.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        self.cut();
-    }
-}
-
-/// Copy `from` to `to` until either side closes, then close both.
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
-        let _ = to.shutdown(Shutdown::Both);
-        let _ = from.shutdown(Shutdown::Both);
-    });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@
 //! - [`Bmc::start`] (module [`bmc`]): an IPMI BMC (`ipmi_sim`, spoken to with `ipmitool`) for one
 //!   simulated host, whose power-off kills the process standing for the host;
 //! - [`ledger`]: the agents' ledgers read and replayed against invariants 5 and 7 (ground truth
-//!   for the tests and the benchmarks alike).
+//!   for the tests and the benchmarks alike);
+//! - [`proxy`]: a TCP proxy to cut and heal (a database partition, a host cut off its management
+//!   network).
 //!
 //! Every process is killed (SIGKILL, by its own handle) and reaped when its owner is dropped, so a
 //! failing test or bench leaves nothing running. Needs `mariadbd`, `mariadb`,
@@ -19,6 +21,7 @@
 
 pub mod bmc;
 pub mod ledger;
+pub mod proxy;
 
 pub use bmc::{Bmc, have_ipmi};
 

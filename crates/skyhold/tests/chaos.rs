@@ -795,7 +795,7 @@ fn partition_self_fences(how: Cut, interval: Option<&str>) {
     let Some(mut c) = init_cloud(Backend::MySql) else { return };
     c.allow_error_logs = true; // fencing and the lost database log errors on purpose
     let (upstream, _) = split_db_url(&c.db_url, 0);
-    let proxy = TcpProxy::start(&upstream);
+    let proxy = TcpProxy::start(&upstream).expect("start TCP proxy");
     let (_, proxied_url) = split_db_url(&c.db_url, proxy.port);
     // ms2 first, so that ms1 knows its peer from its first monitor round and tells the agent.
     let i2 = c.start_server("ms2");

@@ -238,7 +238,7 @@ fn dead_host_ha_vms_restart_elsewhere() {
 fn cut_off_but_alive_host_is_left_alone() {
     let Some(mut ha) = Ha::start(backend()) else { return };
     ha.c.allow_error_logs = true;
-    let proxy = TcpProxy::start(&ha.c.agent_addrs());
+    let proxy = TcpProxy::start(&ha.c.agent_addrs()).expect("start TCP proxy");
     ha.agent("a", Some(&format!("127.0.0.1:{}", proxy.port)), &[]);
     ha.agent("b", None, &[]);
     ha.wait_up(&["a", "b"]);
@@ -284,7 +284,7 @@ fn cut_off_but_alive_host_is_left_alone() {
 fn isolated_host_self_fences_then_vms_restart() {
     let Some(mut ha) = Ha::start(backend()) else { return };
     ha.c.allow_error_logs = true;
-    let proxy = TcpProxy::start(&ha.c.agent_addrs());
+    let proxy = TcpProxy::start(&ha.c.agent_addrs()).expect("start TCP proxy");
     ha.agent("a", Some(&format!("127.0.0.1:{}", proxy.port)), &[]);
     ha.agent("b", None, &[]);
     ha.wait_up(&["a", "b"]);
@@ -330,8 +330,8 @@ fn ipmi_fencing_and_a_dead_bmc() {
     }
     let Some(mut ha) = Ha::start(backend()) else { return };
     ha.c.allow_error_logs = true;
-    let proxy_a = TcpProxy::start(&ha.c.agent_addrs());
-    let proxy_c = TcpProxy::start(&ha.c.agent_addrs());
+    let proxy_a = TcpProxy::start(&ha.c.agent_addrs()).expect("start TCP proxy");
+    let proxy_c = TcpProxy::start(&ha.c.agent_addrs()).expect("start TCP proxy");
     let a = ha.agent("a", Some(&format!("127.0.0.1:{}", proxy_a.port)), &[]);
     ha.agent("b", None, &[]);
     let c = ha.agent("c", Some(&format!("127.0.0.1:{}", proxy_c.port)), &[]);
