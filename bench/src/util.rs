@@ -145,3 +145,32 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     format!("---- last lines of {} ----\n{}", path.display(), lines[lines.len().saturating_sub(n)..].join("\n"))
 }
+
+/// Zone, template and offering ids for `deployVirtualMachine`.
+#[derive(Debug, Clone)]
+pub struct DeployIds {
+    pub zone: String,
+    pub template: String,
+    pub offering: String,
+}
+
+impl DeployIds {
+    /// The first zone, the first featured template and the "Small Instance" offering (or the
+    /// first one), read through `get(command, params)`, which returns the command's response
+    /// object (`<command>response`).
+    pub fn lookup(get: impl Fn(&str, &[(&str, &str)]) -> Result<Value>) -> Result<DeployIds> {
+        let zone = get("listZones", &[])?["zone"][0]["id"].as_str().context("no zone")?.to_string();
+        let template = get("listTemplates", &[("templatefilter", "featured")])?["template"][0]["id"]
+            .as_str()
+            .context("no featured template")?
+            .to_string();
+        let offs = get("listServiceOfferings", &[])?;
+        let offering = offs["serviceoffering"]
+            .as_array()
+            .and_then(|a| a.iter().find(|o| o["name"] == "Small Instance").or(a.first()))
+            .and_then(|o| o["id"].as_str())
+            .context("no service offering")?
+            .to_string();
+        Ok(DeployIds { zone, template, offering })
+    }
+}

@@ -22,7 +22,7 @@ use skyhold_bench::cli::{OutputArgs, SkyholdArgs};
 use skyhold_bench::load::round3;
 use skyhold_bench::server::{self, DbSource, Init, Server, ServerOpts};
 use skyhold_bench::sign::{self, Creds};
-use skyhold_bench::util::{machine_info, print_machine, report_head};
+use skyhold_bench::util::{DeployIds, machine_info, print_machine, report_head};
 use skyhold_db::{Db, DbConfig, DbError, Dialect, Sql, retry_tx};
 use skyhold_testkit::{Galera, Mdb, Rejoin, die_with_parent, fast_tmp, promote, reattach_as_replica, sql};
 use std::collections::{BTreeMap, HashSet};
@@ -269,13 +269,6 @@ fn write_properties(path: &Path, topology: &str, host: &str, slaves: &str, db_na
 }
 
 /// Zone, template and offering for `deployVirtualMachine`.
-#[derive(Debug, Clone)]
-struct DeployIds {
-    zone: String,
-    template: String,
-    offering: String,
-}
-
 /// Signed CloudStack calls to one server.
 #[derive(Clone)]
 struct Api {
@@ -326,19 +319,7 @@ impl Api {
             let v = self.call(&agent, cmd, params).map_err(anyhow::Error::msg).context(cmd.to_string())?;
             Ok(v[format!("{}response", cmd.to_lowercase())].clone())
         };
-        let zone = get("listZones", &[])?["zone"][0]["id"].as_str().context("no zone")?.to_string();
-        let template = get("listTemplates", &[("templatefilter", "featured")])?["template"][0]["id"]
-            .as_str()
-            .context("no featured template")?
-            .to_string();
-        let offs = get("listServiceOfferings", &[])?;
-        let offering = offs["serviceoffering"]
-            .as_array()
-            .and_then(|a| a.iter().find(|o| o["name"] == "Small Instance").or(a.first()))
-            .and_then(|o| o["id"].as_str())
-            .context("no service offering")?
-            .to_string();
-        Ok(DeployIds { zone, template, offering })
+        DeployIds::lookup(get)
     }
 
     /// Wait until `n` hosts are Up.

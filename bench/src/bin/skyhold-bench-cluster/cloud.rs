@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use skyhold_bench::server::{self, DbSource, Server, ServerOpts};
 use skyhold_bench::sign::{self, Creds};
+pub use skyhold_bench::util::DeployIds;
 use skyhold_db::{Db, DbConfig, Sql};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,14 +43,6 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Zone, template and offering ids for `deployVirtualMachine`.
-#[derive(Debug, Clone)]
-pub struct DeployIds {
-    pub zone: String,
-    pub template: String,
-    pub offering: String,
 }
 
 pub struct Cloud {
@@ -184,19 +177,7 @@ impl Cloud {
             let v: Value = ureq::get(&url).call().with_context(|| cmd.to_string())?.into_json()?;
             Ok(v[format!("{}response", cmd.to_lowercase())].clone())
         };
-        let zone = get("listZones", &[])?["zone"][0]["id"].as_str().context("no zone")?.to_string();
-        let template = get("listTemplates", &[("templatefilter", "featured")])?["template"][0]["id"]
-            .as_str()
-            .context("no featured template")?
-            .to_string();
-        let offs = get("listServiceOfferings", &[])?;
-        let offering = offs["serviceoffering"]
-            .as_array()
-            .and_then(|a| a.iter().find(|o| o["name"] == "Small Instance").or(a.first()))
-            .and_then(|o| o["id"].as_str())
-            .context("no service offering")?
-            .to_string();
-        Ok(DeployIds { zone, template, offering })
+        DeployIds::lookup(get)
     }
 
     /// `deployVirtualMachine` through server `i`'s API. Returns the job id.
