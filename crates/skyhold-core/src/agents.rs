@@ -333,10 +333,11 @@ async fn handle(core: Core, sock: TcpStream) -> Result<(), ConnError> {
     // an agent that brings a new host.
     let (cluster, unknown_guid) = {
         let mut c = core.db().conn().await?;
-        let zones = skyhold_db::infra::zone_list(&mut c).await?;
-        let pods = skyhold_db::infra::pod_list(&mut c).await?;
-        let clusters = skyhold_db::infra::cluster_list(&mut c).await?;
         let wanted = hosts.first().map(|h| h.place.clone()).unwrap_or_default();
+        // Zones and pods only when the agent names them (most agents name nothing).
+        let zones = if wanted.zone.is_some() { skyhold_db::infra::zone_list(&mut c).await? } else { Vec::new() };
+        let pods = if wanted.pod.is_some() { skyhold_db::infra::pod_list(&mut c).await? } else { Vec::new() };
+        let clusters = skyhold_db::infra::cluster_list(&mut c).await?;
         let resolved = resolve_place(&wanted, &zones, &pods, &clusters);
         let unknown = if resolved.is_err() {
             let mut first_new = None;
